@@ -1,0 +1,353 @@
+"""The lab: boots the M2M topology under the Ryu controller, runs processes in its hosts,
+captures every host interface, and tears down exactly what it created.
+
+    with Lab(name="demo") as lab:
+        lab.start_probe()
+        fault = lab.faults.inject("wlan", "wlan-a1", "down")
+        ...
+
+Teardown runs on success, on exceptions and on Ctrl-C/SIGTERM (the runner turns SIGTERM
+into KeyboardInterrupt), with further signals held off until it is done. It never calls
+`mn -c`: other labs' bridges and controllers on the machine are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+from experiments.capabilities import Capabilities, probe
+from experiments.faults import FaultClient
+from topologies.m2m import NETWORKS, M2MTopo, address
+
+PROJECT = Path(__file__).resolve().parent.parent
+CAPTURES = PROJECT / "captures"
+VENV_PYTHON = PROJECT / ".venv" / "bin" / "python"
+PROBE_PORT = 9000
+
+
+def python() -> str:
+    """Node programs run on the venv's interpreter (pyenv's python3 shadows it on PATH)."""
+    return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll `predicate` until it returns something truthy; TimeoutError names `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_run_dir(name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        run = CAPTURES / (f"{stamp}-{name}" + (f"-{n}" if n else ""))
+        try:
+            run.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        for sub in ("logs", "pcaps", "events"):
+            (run / sub).mkdir()
+        return run
+    raise RuntimeError(f"could not create a run folder under {CAPTURES}")
+
+
+@dataclass
+class Proc:
+    """A process the lab started (in a host or the root namespace); its own session/group."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes] | None
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 3.0) -> int | None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(grace)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        return self.popen.returncode
+
+
+class Lab:
+    def __init__(
+        self,
+        name: str = "lab",
+        links: dict[str, dict[str, Any]] | None = None,
+        run_dir: Path | None = None,
+        capture: bool = True,
+        mininet_log: str = "warning",
+    ) -> None:
+        self.name = name
+        self.run_dir = run_dir
+        self.capture = capture
+        self.mininet_log = mininet_log
+        self.requested_links = links or {}
+        self.caps: Capabilities | None = None
+        self.net: Any = None
+        self.faults: FaultClient | None = None
+        self.procs: list[Proc] = []
+        self.pcaps: dict[str, Path] = {}
+        self._controller: Proc | None = None
+        self._created_bridges: list[str] = []
+        self._stopped = False
+
+    # -- life cycle --------------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Lab:
+        from mininet.log import setLogLevel
+
+        setLogLevel(self.mininet_log)
+        if self.run_dir is None:
+            self.run_dir = new_run_dir(self.name)
+        self.say(f"run folder {self.run_dir.relative_to(PROJECT)}")
+        self.caps = probe()
+        for line in self.caps.summary().splitlines():
+            self.say(line)
+        self._write_json("capabilities.json", self.caps.to_dict())
+        self._refuse_foreign_bridges()
+        of_port = self._start_controller()
+        self._start_mininet(of_port)
+        self._wait_for_switches()
+        if self.capture:
+            self._start_captures()
+        self.say("lab is up")
+        return self
+
+    def stop(self) -> None:
+        """Tear down what this lab created; safe to call twice, holds off SIGINT/SIGTERM."""
+        if self._stopped:
+            return
+        self._stopped = True
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for proc in reversed(self.procs):  # nodes first, captures last: they see the end
+                code = proc.stop()
+                if code not in (0, -signal.SIGTERM, None):
+                    self.say(f"{proc.name} exited with {code} (log: logs/{proc.name}.log)")
+            if self.net is not None:
+                with contextlib.suppress(Exception):
+                    self.net.stop()
+            self._delete_leftover_bridges()
+            if self._controller is not None:
+                self._controller.stop()
+            self._write_json("manifest.json", self._manifest(stopped=True))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self.say("lab is down")
+
+    # -- pieces of start() ----------------------------------------------------------------------
+    def _refuse_foreign_bridges(self) -> None:
+        existing = set(
+            subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
+                           text=True, check=True).stdout.split()
+        )
+        clash = sorted(existing & set(NETWORKS))
+        if clash:
+            raise RuntimeError(
+                f"OVS bridge(s) {', '.join(clash)} already exist: another lab is running, or an "
+                f"earlier run was killed. Remove them with 'ovs-vsctl del-br NAME' once you are "
+                f"sure they are not in use."
+            )
+
+    def _start_controller(self) -> int:
+        assert self.run_dir is not None
+        of_port, rest_port = _free_tcp_port(), _free_tcp_port()
+        log = open(self.run_dir / "logs" / "controller.log", "wb")  # noqa: SIM115
+        env = dict(os.environ, PYTHONPATH=str(PROJECT),
+                   SMIG_CONTROLLER_EVENTS=str(self.run_dir / "events" / "controller.jsonl"))
+        popen = subprocess.Popen(
+            [python(), "-m", "nodes.ryu_launcher", "--ofp-tcp-listen-port", str(of_port),
+             "--wsapi-host", "127.0.0.1", "--wsapi-port", str(rest_port),
+             str(PROJECT / "nodes" / "controller.py")],
+            cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._controller = Proc("controller", popen, log)
+        self.faults = FaultClient(f"http://127.0.0.1:{rest_port}")
+
+        def rest_up() -> bool:
+            if not self._controller or not self._controller.alive():
+                raise RuntimeError("the Ryu controller exited at start: see logs/controller.log")
+            try:
+                assert self.faults is not None
+                self.faults.switches()
+                return True
+            except OSError:
+                return False
+
+        wait_until(rest_up, 30, "the Ryu controller's REST API")
+        self.say(f"controller up: OpenFlow 127.0.0.1:{of_port}, REST 127.0.0.1:{rest_port}")
+        return of_port
+
+    def _start_mininet(self, of_port: int) -> None:
+        from mininet.link import TCLink
+        from mininet.net import Mininet
+        from mininet.node import OVSSwitch, RemoteController
+
+        assert self.caps is not None
+        links = self._usable_links()
+        switch = partial(OVSSwitch, datapath=self.caps.ovs_datapath, protocols="OpenFlow13")
+        self.net = Mininet(topo=M2MTopo(links=links), switch=switch, controller=None,
+                           link=TCLink, autoSetMacs=True, build=False)
+        self.net.addController(RemoteController("c0", ip="127.0.0.1", port=of_port))
+        self._created_bridges = list(NETWORKS)
+        self._write_json("manifest.json", self._manifest(stopped=False))
+        self.net.build()
+        self.net.start()
+
+    def _usable_links(self) -> dict[str, dict[str, Any]]:
+        """Drop the link parameters this kernel cannot honour, saying so once."""
+        assert self.caps is not None
+        links: dict[str, dict[str, Any]] = {}
+        for net, params in self.requested_links.items():
+            if net not in NETWORKS:
+                raise ValueError(f"unknown network {net!r} in link parameters "
+                                 f"(known: {', '.join(NETWORKS)})")
+            keep = dict(params)
+            if not self.caps.netem:
+                dropped = [k for k in ("delay", "jitter", "loss") if keep.pop(k, None)]
+                if dropped:
+                    self.say(f"notice: {net}: {', '.join(dropped)} ignored (no netem in this "
+                             f"kernel); the run continues without them")
+            links[net] = keep
+        return links
+
+    def _wait_for_switches(self) -> None:
+        assert self.faults is not None
+        want = set(NETWORKS)
+
+        def all_connected() -> bool:
+            assert self.faults is not None
+            seen = {s["name"] for s in self.faults.switches() if s["ports"]}
+            return want <= seen
+
+        wait_until(all_connected, 30, f"switches {sorted(want)} to connect to the controller")
+
+    def _start_captures(self) -> None:
+        assert self.run_dir is not None
+        for host in self.net.hosts:
+            for intf in host.intfNames():
+                if intf == "lo":
+                    continue
+                pcap = self.run_dir / "pcaps" / f"{intf}.pcap"
+                self.popen(host.name, ["tcpdump", "-i", intf, "-n", "-U", "-Z", "root",
+                                       "-w", str(pcap)], name=f"tcpdump-{intf}")
+                self.pcaps[intf] = pcap
+        # tcpdump writes the pcap header once it is listening.
+        wait_until(lambda: all(p.exists() and p.stat().st_size >= 24
+                               for p in self.pcaps.values()), 20, "tcpdump on every interface")
+
+    # -- running things ---------------------------------------------------------------------------
+    def host(self, name: str) -> Any:
+        return self.net[name]
+
+    def popen(
+        self, host: str, args: list[str], name: str, env: dict[str, str] | None = None
+    ) -> Proc:
+        """Start `args` inside `host`, output to logs/<name>.log; stopped at teardown."""
+        assert self.run_dir is not None
+        log = open(self.run_dir / "logs" / f"{name}.log", "wb")  # noqa: SIM115
+        full_env = dict(os.environ, PYTHONPATH=str(PROJECT), **(env or {}))
+        popen = self.host(host).popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
+                                      env=full_env)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_probe(self, rate: float = 50.0) -> tuple[Path, Path]:
+        """A1 → B1 probe streams over both of A1's paths; returns (A1 log, B1 log)."""
+        assert self.run_dir is not None
+        b1_log = self.run_dir / "events" / "probe-b1.jsonl"
+        a1_log = self.run_dir / "events" / "probe-a1.jsonl"
+        self.popen("b1", [python(), "-m", "nodes.probe", "echo", "--port", str(PROBE_PORT),
+                          "--node", "b1", "--log", str(b1_log)], name="probe-b1")
+        wait_until(lambda: b1_log.exists() and b1_log.stat().st_size > 0, 20, "the probe echo")
+        self.popen("a1", [python(), "-m", "nodes.probe", "send",
+                          "--to", f"{address('b1', 'netb')}:{PROBE_PORT}",
+                          "--path", f"wlan={address('a1', 'wlan')}",
+                          "--path", f"lte={address('a1', 'lte')}",
+                          "--rate", str(rate), "--node", "a1", "--log", str(a1_log)],
+                   name="probe-a1")
+        return a1_log, b1_log
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _delete_leftover_bridges(self) -> None:
+        """net.stop() deletes our bridges; if it died half-way, delete the ones we made."""
+        if not self._created_bridges:
+            return
+        existing = subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
+                                  text=True, check=False).stdout.split()
+        for br in self._created_bridges:
+            if br in existing:
+                subprocess.run(["ovs-vsctl", "--timeout=5", "--if-exists", "del-br", br],
+                               check=False)
+
+    def _manifest(self, stopped: bool) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "bridges": self._created_bridges,
+            "controller_pid": self._controller.popen.pid if self._controller else None,
+            "processes": {p.name: p.popen.pid for p in self.procs},
+            "stopped": stopped,
+        }
+
+    def _write_json(self, name: str, data: Any) -> None:
+        if self.run_dir is not None:
+            (self.run_dir / name).write_text(json.dumps(data, indent=2) + "\n")
+
+    def say(self, text: str) -> None:
+        print(f"[lab {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines log; a torn last line (process killed mid-write) is skipped."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                yield json.loads(line)

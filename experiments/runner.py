@@ -1,0 +1,131 @@
+"""Command-line runner of the lab.
+
+    python -m experiments.runner probe [--seconds 10] [--fault wlan:wlan-a1:down@3:6 ...]
+    python -m experiments.runner lab          # Mininet CLI with the controller and probes up
+    python -m experiments.runner capabilities # what this kernel offers, and the choices made
+
+Everything a run writes goes to captures/<run-id>/. Ctrl-C or SIGTERM stops cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from types import FrameType
+
+from experiments.capabilities import probe
+from experiments.lab import Lab, read_jsonl
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """`switch:port:kind@start[:end]` — inject at `start` s, restore at `end` s (if given)."""
+
+    switch: str
+    port: str
+    kind: str
+    start: float
+    end: float | None
+
+    @classmethod
+    def parse(cls, text: str) -> FaultPlan:
+        where, sep, when = text.partition("@")
+        parts = where.split(":")
+        if not sep or len(parts) != 3 or not all(parts):
+            raise argparse.ArgumentTypeError(
+                f"fault {text!r}: expected SWITCH:PORT:KIND@START[:END], e.g. wlan:wlan-a1:down@3:6"
+            )
+        times = when.split(":")
+        try:
+            start = float(times[0])
+            end = float(times[1]) if len(times) > 1 else None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"fault {text!r}: times must be seconds") from None
+        if len(times) > 2 or start < 0 or (end is not None and end <= start):
+            raise argparse.ArgumentTypeError(f"fault {text!r}: need 0 <= START < END")
+        if parts[2] not in ("down", "blackhole"):
+            raise argparse.ArgumentTypeError(f"fault {text!r}: kind must be down or blackhole")
+        return cls(parts[0], parts[1], parts[2], start, end)
+
+
+def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    with Lab(name="probe") as lab:
+        a1_log, b1_log = lab.start_probe(rate=args.rate)
+        assert lab.faults is not None
+        t0 = time.monotonic()
+        events: list[tuple[float, str, FaultPlan]] = []
+        for plan in args.fault:
+            events.append((plan.start, "inject", plan))
+            if plan.end is not None:
+                events.append((plan.end, "restore", plan))
+        events.sort(key=lambda e: e[0])
+        active: dict[FaultPlan, int] = {}
+        for at, action, plan in events:
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            if action == "inject":
+                fault = lab.faults.inject(plan.switch, plan.port, plan.kind)
+                active[plan] = fault["id"]
+                lab.say(f"t={at:g}s injected {plan.kind} on {plan.switch}/{plan.port}")
+            else:
+                lab.faults.restore(active.pop(plan))
+                lab.say(f"t={at:g}s restored {plan.switch}/{plan.port}")
+        time.sleep(max(0.0, t0 + args.seconds - time.monotonic()))
+    received = Counter(r["path"] for r in read_jsonl(b1_log) if r.get("event") == "rx")
+    echoed = Counter(r["path"] for r in read_jsonl(a1_log) if r.get("event") == "echo-rx")
+    sent = Counter(r["path"] for r in read_jsonl(a1_log) if r.get("event") == "tx")
+    print(f"{'path':6} {'sent':>6} {'at b1':>6} {'echoed':>6}")
+    for path in sorted(sent):
+        print(f"{path:6} {sent[path]:6d} {received[path]:6d} {echoed[path]:6d}")
+    print(f"results in {lab.run_dir}")
+    return 0
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from mininet.cli import CLI
+
+    with Lab(name="lab", mininet_log="info") as lab:
+        lab.start_probe()
+        assert lab.faults is not None
+        print(f"controller REST API: {lab.faults.base_url}/lab/faults  "
+              f"(e.g. curl -X POST -d '{{\"switch\":\"wlan\",\"port\":\"wlan-a1\","
+              f"\"kind\":\"down\"}}' {lab.faults.base_url}/lab/faults)")
+        CLI(lab.net)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.runner",
+                                     description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe", help="boot the lab, run probe streams, inject faults")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=50.0, help="probe packets/s per path")
+    p.add_argument("--fault", type=FaultPlan.parse, action="append", default=[],
+                   help="SWITCH:PORT:KIND@START[:END], repeatable")
+    sub.add_parser("lab", help="the Mininet CLI with everything running")
+    sub.add_parser("capabilities", help="probe the kernel and print the choices")
+    args = parser.parse_args(argv)
+    if args.command == "capabilities":
+        caps = probe()
+        print(caps.summary())
+        print(json.dumps(caps.to_dict(), indent=2))
+        return 0
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        return {"probe": run_probe, "lab": run_cli}[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted: the lab was torn down", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
