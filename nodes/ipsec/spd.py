@@ -100,6 +100,8 @@ class Spd:
         self._policies: dict[tuple[Selector, Direction], Policy] = {}
 
     def add(self, policy: Policy) -> None:
+        """ValueError for a malformed policy or a duplicate (selector, direction)."""
+        check_policy(policy)
         key = (policy.selector, policy.direction)
         if key in self._policies:
             raise ValueError(f"a {policy.direction.value} policy for {policy.selector} exists")
@@ -117,6 +119,23 @@ class Spd:
 
     def clear(self) -> None:
         self._policies.clear()
+
+
+def check_ipv4(*addresses: str) -> None:
+    for address in addresses:
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError as exc:
+            raise ValueError(f"not an IPv4 address: {address!r}") from exc
+
+
+def check_policy(policy: Policy) -> None:
+    sel = policy.selector
+    check_ipv4(sel.src, sel.dst, policy.tmpl_src, policy.tmpl_dst)
+    if not 0 <= sel.proto <= 255 or not 0 <= sel.sport <= 65535 or not 0 <= sel.dport <= 65535:
+        raise ValueError(f"selector out of range: {sel}")
+    if policy.spi is not None and not 256 <= policy.spi < 2**32:
+        raise ValueError(f"policy SPI {policy.spi} out of range")
 
 
 def template_accepts(policy: Policy, sa: SecurityAssociation) -> bool:
@@ -144,9 +163,8 @@ def _match(selector: Selector) -> str:
 def nft_ruleset(table: str, tun: str, mark: int, policies: list[Policy]) -> str:
     """An `nft -f` script replacing the rules of our table atomically. The named counter
     `policy_drops` survives rule changes (chains are flushed, the counter is not)."""
-    for p in policies:  # addresses come from our callers, but nft syntax must stay ours
-        ipaddress.IPv4Address(p.selector.src)
-        ipaddress.IPv4Address(p.selector.dst)
+    for p in policies:  # callers validated them already, but nft syntax must stay ours
+        check_policy(p)
     lines = [
         f"table ip {table} {{",
         "  counter policy_drops { }",

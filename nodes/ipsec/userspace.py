@@ -60,7 +60,14 @@ from nodes.ipsec.api import (
     Selector,
 )
 from nodes.ipsec.esp_sa import EspSaFile
-from nodes.ipsec.spd import Ipv4Packet, Spd, nft_ruleset, template_accepts
+from nodes.ipsec.spd import (
+    Ipv4Packet,
+    Spd,
+    check_ipv4,
+    check_policy,
+    nft_ruleset,
+    template_accepts,
+)
 
 log = logging.getLogger("smig.ipsec.userspace")
 T = TypeVar("T")
@@ -249,6 +256,7 @@ class UserspaceBackend(IPsecBackend):
     # ---- SAD -------------------------------------------------------------------------------
 
     def add_sa(self, sa: SecurityAssociation) -> None:
+        check_ipv4(sa.src, sa.dst)
         key = (sa.dst, sa.spi)
         with self._lock:
             if key in self._sad:
@@ -299,10 +307,11 @@ class UserspaceBackend(IPsecBackend):
     # ---- SPD -------------------------------------------------------------------------------
 
     def add_policy(self, policy: Policy) -> None:
+        check_policy(policy)  # malformed: ValueError, nothing changed
         with self._lock:
             try:
                 self._spd.add(policy)
-            except ValueError as exc:
+            except ValueError as exc:  # a duplicate
                 raise IPsecError(str(exc)) from exc
             try:
                 self._sync_nft()

@@ -96,21 +96,27 @@ class Peer:
         return found
 
 
-def sa(src: str, dst: str, spi: int) -> dict[str, Any]:
-    return {"src": src, "dst": dst, "spi": spi, "enc_alg": "aes-cbc", "enc_key": ENC_KEY,
-            "auth_alg": "hmac-sha-256-128", "auth_key": AUTH_KEY}
+SHA1_KEY = os.urandom(20).hex()
+ALGS = [("aes-cbc", "hmac-sha-256-128"), ("null", "hmac-sha-1-96")]
+
+
+def sa(src: str, dst: str, spi: int, algs: tuple[str, str] = ALGS[0]) -> dict[str, Any]:
+    enc, auth = algs
+    return {"src": src, "dst": dst, "spi": spi, "enc_alg": enc,
+            "enc_key": ENC_KEY if enc == "aes-cbc" else "", "auth_alg": auth,
+            "auth_key": AUTH_KEY if auth == "hmac-sha-256-128" else SHA1_KEY}
 
 
 def sel(src: str, dst: str, sport: int, dport: int) -> dict[str, Any]:
     return {"src": src, "dst": dst, "proto": 17, "sport": sport, "dport": dport}
 
 
-def protect(a: Peer, b: Peer, a_ip: str, b_ip: str) -> None:
+def protect(a: Peer, b: Peer, a_ip: str, b_ip: str, algs: tuple[str, str] = ALGS[0]) -> None:
     """SPI 0x1001 for a->b, 0x2001 for b->a; UDP 5000 (a) <-> 6000 (b), both directions."""
     for peer in (a, b):
         if peer("get_sa", dst=b_ip, spi=0x1001)["sa"] is None:
-            peer("add_sa", sa=sa(a_ip, b_ip, 0x1001))
-            peer("add_sa", sa=sa(b_ip, a_ip, 0x2001))
+            peer("add_sa", sa=sa(a_ip, b_ip, 0x1001, algs))
+            peer("add_sa", sa=sa(b_ip, a_ip, 0x2001, algs))
     ab, ba = sel(a_ip, b_ip, 5000, 6000), sel(b_ip, a_ip, 6000, 5000)
     a("add_policy", policy={"selector": ab, "direction": "out", "tmpl_src": a_ip,
                             "tmpl_dst": b_ip})
@@ -164,6 +170,11 @@ def lab(tmp_path: Path) -> Iterator[tuple[Peer, Peer, Path]]:
             sh("ip", "netns", "del", ns, check=False)
 
 
+def tshark(pcap: Path, *args: str) -> list[str]:
+    out = sh("tshark", "-r", str(pcap), *args)
+    return [line for line in out.splitlines() if line]
+
+
 class Capture:
     """tcpdump on a namespace's interface into a pcap (our own process, stopped by pid)."""
 
@@ -178,28 +189,35 @@ class Capture:
         line = self.proc.stderr.readline()  # "listening on ..." once the socket is open
         assert "listening" in line, line
 
+    def wait_frames(self, count: int) -> None:
+        """Poll until `count` frames are in the file (-U writes each one as it comes)."""
+        def frames() -> int:  # the last frame may be half-written: no check
+            return len(sh("tshark", "-r", str(self.path), check=False).splitlines())
+
+        wait_for(lambda: frames() >= count, what=f"{count} captured frames")
+
     def stop(self) -> Path:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(10)
         return self.path
 
 
-def tshark(pcap: Path, *args: str) -> list[str]:
-    out = sh("tshark", "-r", str(pcap), *args)
-    return [line for line in out.splitlines() if line]
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("tcpdump") is None,
                     reason="needs tcpdump and tshark")
+@pytest.mark.parametrize("algs", ALGS, ids=["aes-sha256", "null-sha1"])
 def test_udp_both_ways_only_esp_on_wire_tshark_decrypts(lab: tuple[Peer, Peer, Path],
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path,
+                                                        algs: tuple[str, str]) -> None:
     a, b, esp_sa = lab
     b("bind", port=6000)
     a("bind", port=5000)
-    protect(a, b, A1, B1)
+    protect(a, b, A1, B1, algs)
     cap = Capture(b.ns, "esplabB", tmp_path / "wire.pcap")
     exchange(a, b, A1, B1, "first")
     exchange(a, b, A1, B1, "second")
+    cap.wait_frames(4)
     pcap = cap.stop()
     # On the wire: 4 ESP packets, no plaintext UDP.
     assert tshark(pcap, "-Y", "udp") == []
@@ -239,6 +257,7 @@ def test_replay_tamper_and_plaintext_are_dropped_and_counted(lab: tuple[Peer, Pe
     cap = Capture(b.ns, "esplabB", tmp_path / "one.pcap")
     a("send", sport=5000, dst=B1, dport=6000, data="original")
     assert b("recv", port=6000)["data"] == "original"
+    cap.wait_frames(1)
     pcap = cap.stop()
 
     _resend(a.ns, pcap)
