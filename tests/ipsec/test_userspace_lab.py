@@ -309,3 +309,23 @@ def test_nothing_left_after_exit(lab: tuple[Peer, Peer, Path], how: str) -> None
         peer.proc.wait(10)
         assert peer.leftovers() == []
     assert b.proc.returncode == (0 if how == "exit" else 128 + signal.SIGTERM)
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump")
+def test_large_datagram_crosses_as_fragmented_esp(lab: tuple[Peer, Peer, Path],
+                                                  tmp_path: Path) -> None:
+    """Bigger than the veth MTU after ESP: the ESP packet (not the inner datagram) is
+    fragmented, as Linux XFRM does in transport mode; the receiver reassembles, then decrypts."""
+    a, b, _ = lab
+    b("bind", port=6000)
+    protect(a, b, A1, B1)
+    cap = Capture(b.ns, "esplabB", tmp_path / "big.pcap")
+    big = "".join(chr(65 + i % 26) for i in range(3000))
+    a("send", sport=5000, dst=B1, dport=6000, data=big)
+    assert b("recv", port=6000)["data"] == big
+    cap.wait_frames(3)
+    pcap = cap.stop()
+    assert tshark(pcap, "-Y", "udp") == []
+    frags = tshark(pcap, "-T", "fields", "-e", "ip.proto", "-e", "ip.flags.mf")
+    assert frags == ["50\t1", "50\t1", "50\t0"]
+    assert b.counters()["packets_in"] == 1
