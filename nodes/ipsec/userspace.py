@@ -143,6 +143,7 @@ class UserspaceBackend(IPsecBackend):
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
         self._installed: list[list[str]] = []  # undo commands, run in reverse on close
+        self._restore_rp_filter = False
         self._started = False
         self._closed = False
 
@@ -189,7 +190,13 @@ class UserspaceBackend(IPsecBackend):
         (conf / self.tun / "rp_filter").write_text("0")
         if (conf / "all" / "rp_filter").read_text().strip() == "1":
             (conf / "all" / "rp_filter").write_text("2")
+            self._restore_rp_filter = True
             log.info("net.ipv4.conf.all.rp_filter 1 -> 2 (loose) for ESP delivery via the TUN")
+
+    def _reset_sysctls(self) -> None:
+        if self._restore_rp_filter:
+            Path("/proc/sys/net/ipv4/conf/all/rp_filter").write_text("1")
+            self._restore_rp_filter = False
 
     def _cmd(self, *args: str, input_text: str | None = None) -> str:
         argv = list(args)
@@ -233,6 +240,10 @@ class UserspaceBackend(IPsecBackend):
             except (IPsecError, OSError, subprocess.SubprocessError) as exc:
                 log.warning("cleanup step %s: %s", " ".join(undo[:3]), exc)
         self._installed.clear()
+        try:
+            _in_netns(self.netns, self._reset_sysctls)
+        except OSError as exc:
+            log.warning("cleanup step rp_filter: %s", exc)
         for sock in (self._rx, self._tx):
             if sock is not None:
                 sock.close()
@@ -359,8 +370,10 @@ class UserspaceBackend(IPsecBackend):
 
     # ---- engine ----------------------------------------------------------------------------
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, spi: int = 0, seq: int = 0) -> None:
         self._counters[name] += 1
+        if name not in ("packets_in", "packets_out"):
+            log.debug("dropped (%s) spi=0x%08x seq=%d", name, spi, seq)
 
     def _run(self) -> None:
         assert self._tun_fd is not None and self._rx is not None
@@ -460,24 +473,25 @@ class UserspaceBackend(IPsecBackend):
             self._count("malformed")
             return
         with self._lock:
+            seq = int.from_bytes(packet.payload[4:8], "big")
             state = self._sad.get((packet.dst, spi))
             if state is None:
-                self._count("no_sa")
+                self._count("no_sa", spi, seq)
                 return
             try:
                 trailer = state.receive(packet.payload)
             except esp.ReplayError:
-                self._count("replay_dropped")
+                self._count("replay_dropped", spi, seq)
                 return
             except esp.IntegrityError:
-                self._count("integrity_failed")
+                self._count("integrity_failed", spi, seq)
                 return
             except ValueError:
-                self._count("malformed")
+                self._count("malformed", spi, seq)
                 return
             inner = packet.with_payload(trailer.next_header, trailer.payload)
             if not self._inbound_allowed(inner, state.sa):
-                self._count("policy_dropped")
+                self._count("policy_dropped", spi, seq)
                 return
             self._count("packets_in")
         assert self._tun_fd is not None

@@ -3,10 +3,15 @@ creates lives in NAME, bad input leaves it unchanged, close() removes it all."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +47,9 @@ def make_sa(spi: int = 0x1001) -> SecurityAssociation:
                                b"\x02" * 32)
 
 
-def test_backend_lives_in_the_given_namespace(netns: str) -> None:
+def test_backend_lives_in_the_given_namespace(netns: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     backend = UserspaceBackend(netns=netns)
     try:
         backend.start()
@@ -82,6 +89,42 @@ def test_backend_lives_in_the_given_namespace(netns: str) -> None:
     assert backend.table not in run("ip", "netns", "exec", netns, "nft", "list", "tables")
     assert f"{backend.mark:#x}" not in run("ip", "-n", netns, "rule", "show")
     backend.close()  # idempotent
+    assert "SA added" in caplog.text
+    assert "0101010101" not in caplog.text and "0202020202" not in caplog.text  # no keys
+
+
+def test_rp_filter_loosened_and_restored(netns: str) -> None:
+    path = "/proc/sys/net/ipv4/conf/all/rp_filter"
+    run("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+    with UserspaceBackend(netns=netns):
+        assert run("ip", "netns", "exec", netns, "cat", path).strip() == "2"
+    assert run("ip", "netns", "exec", netns, "cat", path).strip() == "1"
+
+
+def test_run_until_signal_cleans_up_on_sigterm(netns: str) -> None:
+    code = ("from nodes.ipsec.userspace import UserspaceBackend, run_until_signal\n"
+            "b = UserspaceBackend()\n"
+            "print(b.tun, b.table, flush=True)\n"
+            "raise SystemExit(run_until_signal(b))\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", code],
+                            cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        tun, table = proc.stdout.readline().split()
+        deadline = time.monotonic() + 10
+        while f"{tun}:" not in run("ip", "-n", netns, "link", "show"):
+            assert time.monotonic() < deadline, "TUN never appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert tun not in run("ip", "-n", netns, "link", "show")
+    assert table not in run("ip", "netns", "exec", netns, "nft", "list", "tables")
+    assert "fwmark" not in run("ip", "-n", netns, "rule", "show")
 
 
 def test_start_failure_leaves_nothing(netns: str) -> None:
