@@ -87,15 +87,20 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def signal(self, sig: int) -> None:
+        # The process itself (it may not have made its own session yet: mnexec does that
+        # after the fork), then its group, to reach anything it started.
+        for kill in (os.kill, os.killpg):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(self.popen.pid, sig)
+
     def stop(self, grace: float = 3.0) -> int | None:
         if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
+            self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.signal(signal.SIGKILL)
                 self.popen.wait(grace)
         if self.log is not None:
             self.log.close()
@@ -172,6 +177,10 @@ class Lab:
             if self.net is not None:
                 with contextlib.suppress(Exception):
                     self.net.stop()
+                # RemoteController.stop() is a no-op in Mininet: its shell would outlive us.
+                for ctl in self.net.controllers:
+                    with contextlib.suppress(Exception):
+                        ctl.terminate()
             self._delete_leftover_bridges()
             if self._controller is not None:
                 self._controller.stop()
