@@ -299,6 +299,31 @@ class UserspaceBackend(IPsecBackend):
             self._esp_sa.add(sa)
         log.info("SA updated: %r", sa)
 
+    def move_sa(self, dst: str, spi: int, new_src: str, new_dst: str,
+                selector: Selector | None) -> SecurityAssociation:
+        """Atomically re-address an SA (DESIGN §4: replacement): same SPI and keys, and the
+        live sequence counter and replay window, so no packet in flight is refused as a
+        replay or sent with a reused sequence number. Works when only the source changes."""
+        check_ipv4(new_src, new_dst)
+        with self._lock:
+            old = self._sad.get((dst, spi))
+            if old is None:
+                raise IPsecError(f"no SA spi=0x{spi:08x} dst={dst} to move")
+            if new_dst != dst and (new_dst, spi) in self._sad:
+                raise IPsecError(f"SA spi=0x{spi:08x} dst={new_dst} already exists")
+            moved = old.sa.moved(new_src, new_dst, selector)
+            state = esp.SaState(moved, stats=old.stats)
+            state.window = old.window
+            del self._sad[(dst, spi)]
+            self._sad[(new_dst, spi)] = state
+            expiry = self._expiry.pop((dst, spi), None)
+            if expiry is not None:
+                self._expiry[(new_dst, spi)] = expiry
+        if self._esp_sa is not None:
+            self._esp_sa.add(moved)
+        log.info("SA moved: %s -> %r", dst, moved)
+        return replace(moved, stats=dict(state.stats))
+
     def get_sa(self, dst: str, spi: int) -> SecurityAssociation | None:
         with self._lock:
             state = self._sad.get((dst, spi))

@@ -59,11 +59,14 @@ class Peer:
             b.delete_sa(req["dst"], req["spi"])
         elif op == "delete_policy":
             b.delete_policy(Selector(**req["selector"]), Direction(req["direction"]))
-        elif op == "move_sa":  # same keys/SPI, new addresses: add the moved copy, drop the old
+        elif op == "move_sa":  # same keys/SPI, new addresses
+            sel = req.get("selector")
+            b.move_sa(req["dst"], req["spi"], req["new_src"], req["new_dst"],
+                      Selector(**sel) if sel else None)
+        elif op == "replace_sa":  # the same through the generic API: add the copy, drop the old
             old = b.get_sa(req["dst"], req["spi"])
             assert old is not None, "no such SA"
-            sel = req.get("selector")
-            b.add_sa(old.moved(req["new_src"], req["new_dst"], Selector(**sel) if sel else None))
+            b.add_sa(old.moved(req["new_src"], req["new_dst"], None))
             b.delete_sa(req["dst"], req["spi"])
         elif op == "get_sa":
             sa = b.get_sa(req["dst"], req["spi"])

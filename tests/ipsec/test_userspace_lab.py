@@ -277,7 +277,9 @@ def test_replay_tamper_and_plaintext_are_dropped_and_counted(lab: tuple[Peer, Pe
     assert counters["packets_in"] == 1 and counters["no_sa"] == 0
 
 
-def test_moved_sa_pair_keeps_traffic_flowing(lab: tuple[Peer, Peer, Path]) -> None:
+@pytest.mark.parametrize("op", ["move_sa", "replace_sa"])
+def test_moved_sa_pair_keeps_traffic_flowing(lab: tuple[Peer, Peer, Path], op: str) -> None:
+    """move_sa: the backend's atomic move; replace_sa: get_sa + moved() + add_sa + delete_sa."""
     a, b, _ = lab
     a("bind", port=5000)
     b("bind", port=6000)
@@ -285,8 +287,8 @@ def test_moved_sa_pair_keeps_traffic_flowing(lab: tuple[Peer, Peer, Path]) -> No
     exchange(a, b, A1, B1, "before")
     unprotect(a, b, A1, B1)
     for peer in (a, b):
-        peer("move_sa", dst=B1, spi=0x1001, new_src=A2, new_dst=B2)
-        peer("move_sa", dst=A1, spi=0x2001, new_src=B2, new_dst=A2)
+        peer(op, dst=B1, spi=0x1001, new_src=A2, new_dst=B2)
+        peer(op, dst=A1, spi=0x2001, new_src=B2, new_dst=A2)
     protect(a, b, A2, B2)
     exchange(a, b, A2, B2, "after")
     # Same SPIs, sequence numbers went on from the pre-move SA.
