@@ -6,7 +6,12 @@ Use (inside a node process, in its namespace, as root)::
     backend.start()                   # TUN, nft table, ip rule; engine thread
     close_on_signal(backend)          # SIGTERM/SIGINT/exit remove everything
     backend.add_sa(sa); backend.add_policy(policy); ...
+    backend.move_sa(dst, spi, new_src, new_dst, selector)   # atomic re-addressing
     backend.close()
+
+or `run_until_signal(backend)` in a process that only runs the engine. The engine is a daemon
+thread; the IPsecBackend methods are synchronous and thread-safe (an SPD change runs `nft`,
+a few milliseconds). `counters()` adds the nft plaintext drops to the engine's counts.
 
 `netns` is a name under /run/netns or a path like /proc/PID/ns/net; None = the current one.
 
@@ -419,6 +424,9 @@ class UserspaceBackend(IPsecBackend):
                     except OSError as exc:
                         if exc.errno not in (errno.EAGAIN, errno.EINTR):
                             log.warning("engine I/O error: %s", exc)
+                    except Exception:  # one bad packet must not stop the engine
+                        log.exception("engine error on an %sbound packet", key.data)
+                        self._count("malformed")
                 self._expire()
         except Exception:
             log.exception("userspace ESP engine stopped")
