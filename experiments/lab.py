@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from experiments.capabilities import Capabilities, probe
 from experiments.faults import FaultClient
-from topologies.m2m import NETWORKS, M2MTopo, address
+from topologies.m2m import M2M_NETWORKS, M2MTopo, address
 
 PROJECT = Path(__file__).resolve().parent.parent
 CAPTURES = PROJECT / "captures"
@@ -195,7 +195,7 @@ class Lab:
             subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
                            text=True, check=True).stdout.split()
         )
-        clash = sorted(existing & set(NETWORKS))
+        clash = sorted(existing & set(M2M_NETWORKS))
         if clash:
             raise RuntimeError(
                 f"OVS bridge(s) {', '.join(clash)} already exist: another lab is running, or an "
@@ -243,7 +243,7 @@ class Lab:
         self.net = Mininet(topo=M2MTopo(links=links), switch=switch, controller=None,
                            link=TCLink, autoSetMacs=True, build=False)
         self.net.addController(RemoteController("c0", ip="127.0.0.1", port=of_port))
-        self._created_bridges = list(NETWORKS)
+        self._created_bridges = list(M2M_NETWORKS)
         self._write_json("manifest.json", self._manifest(stopped=False))
         self.net.build()
         self.net.start()
@@ -253,9 +253,9 @@ class Lab:
         assert self.caps is not None
         links: dict[str, dict[str, Any]] = {}
         for net, params in self.requested_links.items():
-            if net not in NETWORKS:
+            if net not in M2M_NETWORKS:
                 raise ValueError(f"unknown network {net!r} in link parameters "
-                                 f"(known: {', '.join(NETWORKS)})")
+                                 f"(known: {', '.join(M2M_NETWORKS)})")
             keep = dict(params)
             if not self.caps.netem:
                 dropped = [k for k in ("delay", "jitter", "loss") if keep.pop(k, None)]
@@ -267,7 +267,7 @@ class Lab:
 
     def _wait_for_switches(self) -> None:
         assert self.faults is not None
-        want = set(NETWORKS)
+        want = set(M2M_NETWORKS)
 
         def all_connected() -> bool:
             assert self.faults is not None

@@ -33,8 +33,9 @@ from typing import Any
 from mininet.node import Host, Node
 from mininet.topo import Topo
 
+# `mn --custom` copies every global of this file into its own globals: keep names prefixed.
 # name -> (subnet prefix, dpid); the router is .1 on each.
-NETWORKS: dict[str, tuple[str, int]] = {
+M2M_NETWORKS: dict[str, tuple[str, int]] = {
     "core": ("10.0.0", 4),
     "wlan": ("10.0.1", 1),
     "lte": ("10.0.2", 2),
@@ -43,7 +44,7 @@ NETWORKS: dict[str, tuple[str, int]] = {
 ACCESS_NETWORKS = ("wlan", "lte", "netb")
 
 # host -> [(network, host number)], first entry is the primary interface.
-HOSTS: dict[str, list[tuple[str, int]]] = {
+M2M_HOSTS: dict[str, list[tuple[str, int]]] = {
     "a1": [("wlan", 10), ("lte", 10)],
     "a2": [("wlan", 20)],
     "b1": [("netb", 10)],
@@ -56,9 +57,9 @@ HOSTS: dict[str, list[tuple[str, int]]] = {
 
 def address(host: str, network: str) -> str:
     """The IPv4 address `host` has on `network` (without prefix length)."""
-    for net, num in HOSTS[host]:
+    for net, num in M2M_HOSTS[host]:
         if net == network:
-            return f"{NETWORKS[net][0]}.{num}"
+            return f"{M2M_NETWORKS[net][0]}.{num}"
     raise KeyError(f"host {host!r} has no interface on {network!r}")
 
 
@@ -115,19 +116,19 @@ class M2MTopo(Topo):
 
     def build(self, links: dict[str, dict[str, Any]] | None = None) -> None:  # type: ignore[override]
         links = links or {}
-        for net, (_, dpid) in NETWORKS.items():
+        for net, (_, dpid) in M2M_NETWORKS.items():
             self.addSwitch(net, dpid=f"{dpid:016x}", failMode="secure")
-        first_net = next(iter(NETWORKS))
-        self.addHost("r0", cls=Router, ip=f"{NETWORKS[first_net][0]}.1/24")
-        for net, (prefix, _) in NETWORKS.items():
+        first_net = next(iter(M2M_NETWORKS))
+        self.addHost("r0", cls=Router, ip=f"{M2M_NETWORKS[first_net][0]}.1/24")
+        for net, (prefix, _) in M2M_NETWORKS.items():
             self.addLink(
                 "r0", net,
                 intfName1=intf_name("r0", net), intfName2=f"{net}-r0",
                 params1={"ip": f"{prefix}.1/24"},
             )
-        for host, ifaces in HOSTS.items():
+        for host, ifaces in M2M_HOSTS.items():
             primary = ifaces[0][0]
-            gateways = {intf_name(host, n): f"{NETWORKS[n][0]}.1" for n, _ in ifaces}
+            gateways = {intf_name(host, n): f"{M2M_NETWORKS[n][0]}.1" for n, _ in ifaces}
             self.addHost(host, cls=LabHost, ip=f"{address(host, primary)}/24", gateways=gateways)
             for net, _ in ifaces:
                 self.addLink(

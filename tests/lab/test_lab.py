@@ -14,7 +14,7 @@ import pytest
 from experiments.faults import ControllerError, FaultClient
 from experiments.lab import Lab, read_jsonl, wait_until
 from experiments.pcaps import packet_times
-from topologies.m2m import HOSTS, address
+from topologies.m2m import M2M_HOSTS, address
 
 pytestmark = pytest.mark.lab
 
@@ -65,7 +65,7 @@ def carrier(lab: Lab, host: str, intf: str) -> str:
 @pytest.mark.parametrize("dst", ["proxy", "sms", "presence", "b1"])
 def test_a1_reaches_servers_and_b1_over_each_interface(lab: Lab, src_net: str, dst: str) -> None:
     src = address("a1", src_net)
-    dst_ip = address(dst, HOSTS[dst][0][0])
+    dst_ip = address(dst, M2M_HOSTS[dst][0][0])
     out = lab.host("a1").cmd(f"ping -c 2 -W 2 -I {src} {dst_ip}")
     assert " 0% packet loss" in out, out
     # The reply came back to the address we sent from: source routing holds.
@@ -121,7 +121,7 @@ def test_carrier_back_after_port_restore(lab: Lab, faults: FaultClient) -> None:
 
 
 def test_pcaps_for_every_host_interface(lab: Lab, probe: Probe) -> None:
-    expected = {f"{h}-{net}" for h, ifaces in HOSTS.items() for net, _ in ifaces}
+    expected = {f"{h}-{net}" for h, ifaces in M2M_HOSTS.items() for net, _ in ifaces}
     expected |= {f"r0-{net}" for net in ("core", "wlan", "lte", "netb")}
     assert expected <= set(lab.pcaps)
     for intf in expected:
