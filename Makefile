@@ -27,11 +27,14 @@ test-unit: setup ## pure unit and in-process tests only (no root needed after se
 test-lab: setup ## Mininet lab tests only
 	$(PYTEST) -m lab
 
+test-kernel: setup-vm ## kernel-path tests in a distribution-kernel VM (virtme-ng, QEMU/TCG)
+	@bash scripts/vm/run-tests.sh
+
 lab: setup ## open the Mininet CLI with the M2M lab and its processes running
 	$(PY) -m experiments.runner lab
 
 experiment: setup ## run the handover experiments (TRIALS=, SCENARIO=)
-	$(PY) -m experiments.runner probe --seconds 10
+	$(PY) -m experiments.runner probe --seconds 14 --fault wlan:wlan-a1:down@3:6 --fault wlan:wlan-a1:blackhole@8:11
 
 lint: setup ## ruff
 	$(PY) -m ruff check .
