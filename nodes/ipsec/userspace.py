@@ -457,7 +457,7 @@ class UserspaceBackend(IPsecBackend):
             if policy is None:  # marked by a rule that was just removed
                 self._count("policy_dropped")
                 return
-            state = self._out_sa(policy)
+            state = self._out_sa(policy, packet)
             if state is None:
                 self._count("no_sa")
                 return
@@ -470,13 +470,15 @@ class UserspaceBackend(IPsecBackend):
             self._count("packets_out")
         self._send(packet.with_payload(IPPROTO_ESP, wire))
 
-    def _out_sa(self, policy: Policy) -> esp.SaState | None:
-        if policy.spi is not None:
-            return self._sad.get((policy.tmpl_dst, policy.spi))
-        for state in self._sad.values():
-            if template_accepts(policy, state.sa):
-                return state
-        return None
+    def _out_sa(self, policy: Policy, packet: Ipv4Packet) -> esp.SaState | None:
+        """As XFRM: an SA fits if it satisfies the template and its own selector (if any)
+        covers the packet; SAs with a selector win over catch-alls (sec-agree has four SAs
+        between the same two addresses, told apart by ports)."""
+        fits = [s for s in self._sad.values()
+                if template_accepts(policy, s.sa)
+                and (s.sa.selector is None or packet.matches(s.sa.selector))]
+        fits.sort(key=lambda s: s.sa.selector is None)
+        return fits[0] if fits else None
 
     def _send(self, packet: Ipv4Packet) -> None:
         assert self._tx is not None and self._rx is not None

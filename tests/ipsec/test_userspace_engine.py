@@ -139,3 +139,19 @@ def test_move_sa_source_only_keeps_window(pair: tuple[Harness, Harness], tmp_pat
     with pytest.raises(ValueError, match="not an IPv4"):
         b.backend.move_sa(B, 0x1001, "x", B, None)
     assert b.backend.get_sa(B, 0x1001) is not None
+
+
+def test_outbound_sa_chosen_by_its_selector(pair: tuple[Harness, Harness]) -> None:
+    """Sec-agree: several SAs between the same addresses, told apart by their port selectors
+    (policies not pinned to an SPI), as XFRM picks them."""
+    a, _ = pair
+    a.backend.delete_sa(B, 0x1001)
+    a.backend.add_sa(sa(A, B, 0x2001, Selector(A, B, 17, 5000, 6000)))
+    a.backend.add_sa(sa(A, B, 0x2002, Selector(A, B, 17, 5001, 6000)))
+    a.backend.add_sa(sa(A, B, 0x2003))  # catch-all: used only when no selector fits
+    a.backend.add_policy(Policy(Selector(A, B, 17, 5001, 6000), Direction.OUT, A, B))
+    a.backend.add_policy(Policy(Selector(A, B, 17, 5002, 6000), Direction.OUT, A, B))
+    for sport in (5001, 5000, 5002):
+        a.backend._outbound(datagram(b"x", sport=sport))
+    spis = [int.from_bytes(Ipv4Packet.parse(w).payload[:4], "big") for w in a.sent]
+    assert spis == [0x2002, 0x2001, 0x2003]
