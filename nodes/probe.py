@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import socket
 import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
+
+from nodes.events import EventLog
 
 MAGIC = b"SMPR"
 _HEADER = struct.Struct("!4sB16sIQ")  # magic, version, path (NUL-padded), seq, sent t_ns
@@ -61,16 +62,6 @@ class ProbePacket:
         return cls(name, seq, sent, bool(flags & 0x80))
 
 
-class JsonLog:
-    def __init__(self, stream: IO[str], node: str) -> None:
-        self.stream, self.node = stream, node
-
-    def write(self, event: str, **fields: Any) -> None:
-        record = {"t_ns": time.time_ns(), "node": self.node, "event": event, **fields}
-        self.stream.write(json.dumps(record) + "\n")
-        self.stream.flush()
-
-
 def _ifname(ancdata: list[tuple[int, int, bytes]]) -> str:
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 4:
@@ -90,7 +81,7 @@ def _recv_socket(bind: tuple[str, int]) -> socket.socket:
     return sock
 
 
-async def _receive(sock: socket.socket, log: JsonLog, echo: bool) -> None:
+async def _receive(sock: socket.socket, log: EventLog, echo: bool) -> None:
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     loop.add_reader(sock.fileno(), ready.set)
@@ -106,9 +97,9 @@ async def _receive(sock: socket.socket, log: JsonLog, echo: bool) -> None:
                 try:
                     pkt = ProbePacket.parse(data)
                 except ValueError as exc:
-                    log.write("bad-packet", src=addr[0], error=str(exc))
+                    log.emit("bad-packet", src=addr[0], error=str(exc))
                     continue
-                log.write(
+                log.emit(
                     "echo-rx" if pkt.echo else "rx",
                     path=pkt.path, seq=pkt.seq, sent_ns=pkt.sent_ns,
                     src=addr[0], iface=_ifname(anc),
@@ -118,13 +109,13 @@ async def _receive(sock: socket.socket, log: JsonLog, echo: bool) -> None:
                     try:
                         sock.sendto(reply.serialize(), addr)
                     except OSError as exc:  # path down: the sender notices by the silence
-                        log.write("tx-error", path=pkt.path, error=str(exc))
+                        log.emit("tx-error", path=pkt.path, error=str(exc))
     finally:
         loop.remove_reader(sock.fileno())
 
 
 async def _send(
-    sock: socket.socket, path: str, dest: tuple[str, int], rate: float, log: JsonLog
+    sock: socket.socket, path: str, dest: tuple[str, int], rate: float, log: EventLog
 ) -> None:
     interval = 1.0 / rate
     start = time.monotonic()
@@ -134,9 +125,9 @@ async def _send(
         sent = time.time_ns()
         try:
             sock.sendto(ProbePacket(path, seq, sent).serialize(), dest)
-            log.write("tx", path=path, seq=seq)
+            log.emit("tx", path=path, seq=seq)
         except OSError as exc:  # e.g. no route while the link is down: keep counting
-            log.write("tx-error", path=path, seq=seq, error=str(exc))
+            log.emit("tx-error", path=path, seq=seq, error=str(exc))
         await asyncio.sleep(max(0.0, start + seq * interval - time.monotonic()))
 
 
@@ -158,18 +149,18 @@ def _path(text: str) -> tuple[str, str]:
     return name, addr
 
 
-async def _main(args: argparse.Namespace, log: JsonLog) -> None:
+async def _main(args: argparse.Namespace, log: EventLog) -> None:
     tasks: list[asyncio.Future[Any]] = []
     if args.mode == "echo":
         tasks.append(asyncio.ensure_future(_receive(_recv_socket(("0.0.0.0", args.port)), log,
                                                     echo=True)))
-        log.write("listening", port=args.port)
+        log.emit("listening", port=args.port)
     else:
         for name, addr in args.path:
             sock = _recv_socket((addr, 0))
             tasks.append(asyncio.ensure_future(_receive(sock, log, echo=False)))
             tasks.append(asyncio.ensure_future(_send(sock, name, args.to, args.rate, log)))
-            log.write("path", path=name, src=addr, dst=f"{args.to[0]}:{args.to[1]}")
+            log.emit("path", path=name, src=addr, dst=f"{args.to[0]}:{args.to[1]}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -185,7 +176,7 @@ async def _main(args: argparse.Namespace, log: JsonLog) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        log.write("stopped")
+        log.emit("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,12 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "send" and not 0 < args.rate <= 10000:
         parser.error(f"--rate must be in (0, 10000], got {args.rate}")
-    stream = open(args.log, "a") if args.log else sys.stdout  # noqa: SIM115
+    log = EventLog(args.node, args.log)
     try:
-        asyncio.run(_main(args, JsonLog(stream, args.node)))
+        asyncio.run(_main(args, log))
     finally:
-        if stream is not sys.stdout:
-            stream.close()
+        log.close()
     return 0
 
 
