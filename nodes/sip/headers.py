@@ -46,10 +46,19 @@ MAX_CSEQ = 2**31 - 1
 MAX_DELTA_SECONDS = 2**32 - 1
 
 
+_KEYS: dict[str, str] = {}
+
+
 def header_key(name: str) -> str:
     """Canonical lookup key: lowercase long form ('v' and 'VIA' -> 'via')."""
-    low = name.lower()
-    return COMPACT.get(low, low)
+    try:
+        return _KEYS[name]
+    except KeyError:
+        low = name.lower()
+        key = COMPACT.get(low, low)
+        if len(_KEYS) < 4096:  # bounded: names come from the network
+            _KEYS[name] = key
+        return key
 
 
 _DISPLAY_TOKENS_RE = re.compile(f"{TOKEN}(?:[ \t]+{TOKEN})*\\Z")

@@ -105,37 +105,45 @@ class Message:
         self._start_raw: str | None = None
 
     # ---- raw header access -------------------------------------------------
+    def invalidate(self) -> None:
+        """Call after changing self.headers directly (add/set/remove do it themselves)."""
+        self._cache.clear()
+
+    def _index(self) -> dict[str, list[HeaderField]]:
+        """Fields grouped by canonical key, built once per (unmodified) message."""
+        try:
+            return self._cache["\0index"]
+        except KeyError:
+            idx: dict[str, list[HeaderField]] = {}
+            for h in self.headers:
+                idx.setdefault(h.key, []).append(h)
+            self._cache["\0index"] = idx
+            return idx
+
     def fields(self, name: str) -> list[HeaderField]:
-        key = header_key(name)
-        return [h for h in self.headers if h.key == key]
+        return list(self._index().get(header_key(name), ()))
 
     def get(self, name: str) -> str | None:
         """Value of the first field of this header, or None."""
-        key = header_key(name)
-        for h in self.headers:
-            if h.key == key:
-                return h.value
-        return None
+        fs = self._index().get(header_key(name))
+        return fs[0].value if fs else None
 
     def values(self, name: str) -> list[str]:
         """All values, list headers split at top-level commas (in order)."""
         key = header_key(name)
+        fs = self._index().get(key, ())
+        if key not in LIST_HEADERS:
+            return [h.value for h in fs]
         out: list[str] = []
-        for h in self.headers:
-            if h.key == key:
-                if key in LIST_HEADERS:
-                    out.extend(split_commas(h.value))
-                else:
-                    out.append(h.value)
+        for h in fs:
+            out.extend(split_commas(h.value))
         return out
 
     def has(self, name: str) -> bool:
-        key = header_key(name)
-        return any(h.key == key for h in self.headers)
+        return header_key(name) in self._index()
 
     def count(self, name: str) -> int:
-        key = header_key(name)
-        return sum(1 for h in self.headers if h.key == key)
+        return len(self._index().get(header_key(name), ()))
 
     def add(self, name: str, value: object, *, top: bool = False) -> None:
         """Appends a field (or puts it before the first field of that header when top)."""
@@ -189,7 +197,7 @@ class Message:
         except KeyError:
             pass
         if single:
-            fields = [h for h in self.headers if h.key == key]
+            fields = self._index().get(key, ())
             if not fields:
                 value = None
             elif len(fields) > 1:

@@ -1,0 +1,338 @@
+"""The transaction layer: a SipEndpoint owns a transport, matches messages to
+transactions (RFC 3261 §17.1.3/§17.2.3, RFC 2543 fallback), answers malformed or
+unsupported requests, stamps received/rport (RFC 3581) and hands new requests to an
+async handler. UAs, a registrar and a stateful proxy are built on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nodes.sip.checks import Policy, SipError, check_response, validate_request
+from nodes.sip.headers import MAGIC_COOKIE, Via
+from nodes.sip.message import (
+    Request,
+    Response,
+    SipParseError,
+    error_response,
+    parse_message,
+    response_to,
+)
+from nodes.sip.timers import TimerConfig
+from nodes.sip.transaction import ClientTransaction, ServerTransaction, Transaction
+from nodes.sip.transport import Addr
+
+log = logging.getLogger(__name__)
+Handler = Callable[[ServerTransaction], Awaitable[None]]
+AckHandler = Callable[[Request, Addr], Any]
+StrayHandler = Callable[[Response, Addr], Any]
+
+
+def new_branch() -> str:
+    return MAGIC_COOKIE + secrets.token_hex(8)
+
+
+def new_tag() -> str:
+    return secrets.token_hex(6)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def server_key(req: Request) -> tuple:
+    """§17.2.3 server transaction key; RFC 2543 fallback without the magic cookie."""
+    via = req.vias[0]
+    method = "INVITE" if req.method == "ACK" else req.method
+    branch = via.branch
+    if branch and branch.startswith(MAGIC_COOKIE):
+        return (branch, via.sent_by, method)
+    frm = req.from_
+    cseq = req.cseq
+    return ("2543:" + (req.call_id or ""), str(req.uri), frm.tag if frm else None,
+            cseq.number if cseq else None, str(via), method)
+
+
+def response_address(via: Via, source: Addr) -> Addr:
+    """Where a response to a request with this top Via goes (§18.2.2, RFC 3581)."""
+    host = via.received or via.sent_by[0]
+    if not _is_ip(host):
+        host = source[0]  # no resolver in the lab: answer where it came from
+    port = via.rport or (source[1] if "rport" in via.params else via.sent_by[1])
+    return host, port
+
+
+class SipEndpoint:
+    """Transaction user entry point over one transport."""
+
+    def __init__(self, transport: Any, handler: Handler | None = None, *,
+                 timers: TimerConfig | None = None, policy: Policy | None = None,
+                 auto_trying: bool = True, answer_cancel: bool = True,
+                 advertised: Addr | None = None, name: str = "sip") -> None:
+        self.transport = transport
+        self.handler = handler
+        self.timers = timers or TimerConfig()
+        self.policy = policy or Policy()
+        self.auto_trying = auto_trying
+        self.answer_cancel = answer_cancel  # send 487 to a cancelled INVITE ourselves
+        self.advertised = advertised or transport.local_addr
+        self.name = name
+        self.ack_handler: AckHandler | None = None
+        self.stray_response_handler: StrayHandler | None = None
+        self._clients: dict[tuple, ClientTransaction] = {}
+        self._servers: dict[tuple, ServerTransaction] = {}
+        self._accepted_invites: dict[tuple, ServerTransaction] = {}
+        self._tasks: set[asyncio.Task] = set()
+        transport.set_receiver(self._on_datagram)
+
+    # ------------------------------------------------------------ sending
+    @property
+    def local_addr(self) -> Addr:
+        return self.transport.local_addr
+
+    def _send(self, msg: Request | Response, addr: Addr) -> None:
+        self.transport.send(msg.serialize(), addr)
+
+    def make_via(self, branch: str | None = None) -> Via:
+        host, port = self.advertised
+        via = Via(host, port).with_param("branch", branch or new_branch())
+        return via.with_param("rport", None)
+
+    def client_transaction(self, req: Request, addr: Addr, *,
+                           on_provisional: Callable[[Response], None] | None = None,
+                           add_via: bool = True) -> ClientTransaction:
+        """Starts a client transaction; await tx.final() for the final response."""
+        if req.method == "ACK":
+            raise ValueError("ACK is not sent in a transaction; use send_stateless()")
+        if add_via:
+            req.add("Via", self.make_via(), top=True)
+        if not req.has("max-forwards"):
+            req.add("Max-Forwards", 70)
+        via = req.vias[0]
+        assert req.cseq is not None
+        key = (via.branch, req.cseq.method)
+        tx = ClientTransaction(self, req, addr, key, self.timers, on_provisional)
+        self._clients[key] = tx
+        tx.start()
+        return tx
+
+    async def request(self, req: Request, addr: Addr, *,
+                      on_provisional: Callable[[Response], None] | None = None) -> Response:
+        """Sends a request and returns its final response (raises TransactionTimeout)."""
+        tx = self.client_transaction(req, addr, on_provisional=on_provisional)
+        return await tx.final()
+
+    def send_stateless(self, req: Request, addr: Addr, *, add_via: bool = True) -> None:
+        """Sends a request outside any transaction (ACK for a 2xx)."""
+        if add_via:
+            req.add("Via", self.make_via(), top=True)
+        if not req.has("max-forwards"):
+            req.add("Max-Forwards", 70)
+        self._send(req, addr)
+
+    def cancel(self, invite_tx: ClientTransaction) -> ClientTransaction:
+        """§9.1 CANCEL for a pending INVITE (same Via branch, its own transaction)."""
+        inv = invite_tx.request
+        fields = [h for h in inv.headers if h.key in ("from", "to", "call-id", "route")]
+        req = Request("CANCEL", inv.uri, [("Via", inv.values("via")[0]), *fields])
+        assert inv.cseq is not None
+        req.add("CSeq", f"{inv.cseq.number} CANCEL")
+        req.add("Max-Forwards", 70)
+        return self.client_transaction(req, invite_tx.addr, add_via=False)
+
+    def send_response(self, resp: Response, addr: Addr) -> None:
+        """Stateless response send (a proxy forwarding a stray 2xx, ...)."""
+        self._send(resp, addr)
+
+    # ------------------------------------------------------------ receiving
+    def _on_datagram(self, data: bytes, addr: Addr) -> None:
+        if not data.strip(b"\r\n"):
+            return  # RFC 5626 keep-alive
+        try:
+            msg = parse_message(data)
+        except SipParseError as e:
+            resp = error_response(e)
+            log.info("%s: unparseable message from %s:%d: %s", self.name, *addr, e)
+            if resp is not None:
+                self._safe_send(resp, addr)
+            return
+        try:
+            if isinstance(msg, Request):
+                self._on_request(msg, addr)
+            else:
+                self._on_response(msg, addr)
+        except Exception:  # one bad message must not stop the endpoint
+            log.exception("%s: error handling message from %s:%d", self.name, *addr)
+
+    def _safe_send(self, msg: Request | Response, addr: Addr) -> None:
+        try:
+            self._send(msg, addr)
+        except (OSError, ValueError) as e:
+            log.warning("%s: send to %s:%d failed: %s", self.name, *addr, e)
+
+    def _stamp_via(self, req: Request, addr: Addr) -> Via:
+        via = req.vias[0]
+        new = via
+        if via.sent_by[0] != addr[0]:
+            new = new.with_param("received", addr[0])
+        if "rport" in via.params and via.params.get("rport") is None:
+            new = new.with_param("rport", str(addr[1]))
+        if new is not via:
+            req.pop_top("via")
+            req.add("Via", new, top=True)
+        return new
+
+    def _on_request(self, req: Request, addr: Addr) -> None:
+        try:
+            vias = req.vias
+        except ValueError:
+            vias = []
+        if not vias:
+            if req.method != "ACK":
+                self._refuse_stateless(req, addr, SipError(400, "Malformed or missing Via"))
+            return
+        via = self._stamp_via(req, addr)
+        resp_addr = response_address(via, addr)
+        try:
+            key = server_key(req)
+        except ValueError as e:
+            if req.method != "ACK":
+                self._refuse_stateless(req, resp_addr, SipError(400, f"Malformed header: {e}"))
+            return
+        tx = self._servers.get(key)
+        if req.method == "ACK":
+            self._on_ack(req, addr, tx)
+            return
+        if tx is not None:
+            tx.receive_retransmission()
+            return
+        try:
+            validate_request(req, self.policy)
+        except SipError as e:
+            tx = self._new_server(req, addr, key, resp_addr)
+            tx.reply(e.status, e.reason, headers=e.headers)
+            return
+        tx = self._new_server(req, addr, key, resp_addr)
+        if req.method == "CANCEL":
+            self._on_cancel(tx)
+            return
+        if req.method == "INVITE" and self.auto_trying:
+            tx.respond(response_to(req, 100))
+        if self.handler is None:
+            tx.reply(501 if req.method != "INVITE" else 480)
+            return
+        self._spawn(self._run_handler(tx))
+
+    def _new_server(self, req: Request, addr: Addr, key: tuple,
+                    resp_addr: Addr) -> ServerTransaction:
+        tx = ServerTransaction(self, req, addr, key, self.timers, resp_addr)
+        to = req.to
+        if to is not None and to.tag is None:
+            tx.local_tag = new_tag()
+        self._servers[key] = tx
+        return tx
+
+    def _refuse_stateless(self, req: Request, addr: Addr, err: SipError) -> None:
+        self._safe_send(response_to(req, err.status, err.reason, headers=err.headers), addr)
+
+    def _on_ack(self, req: Request, addr: Addr, tx: ServerTransaction | None) -> None:
+        if tx is not None and tx.invite and tx.last_response is not None \
+                and tx.last_response.status >= 300:
+            tx.receive_ack()
+            return
+        cseq = req.cseq
+        if cseq is not None:
+            inv = self._accepted_invites.get((req.call_id, cseq.number))
+            if inv is not None:
+                inv.ack_received()
+        if self.ack_handler is not None:
+            result = self.ack_handler(req, addr)
+            if asyncio.iscoroutine(result):
+                self._spawn(result)
+
+    def _on_cancel(self, tx: ServerTransaction) -> None:
+        req = tx.request
+        inv_key = tx.key[:-1] + ("INVITE",)
+        inv = self._servers.get(inv_key)
+        if inv is None:
+            tx.reply(481)
+            return
+        tx.reply(200)
+        if not inv.final_sent:
+            inv.cancelled.set()
+            if self.answer_cancel:
+                inv.reply(487)
+        log.debug("%s: CANCEL for %s", self.name, req.call_id)
+
+    async def _run_handler(self, tx: ServerTransaction) -> None:
+        assert self.handler is not None
+        try:
+            await self.handler(tx)
+        except Exception:
+            log.exception("%s: handler failed for %s", self.name, tx.request.method)
+            if not tx.final_sent:
+                tx.reply(500)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_response(self, resp: Response, addr: Addr) -> None:
+        if not check_response(resp, self.policy.role):
+            log.info("%s: dropping malformed response from %s:%d", self.name, *addr)
+            return
+        via = resp.vias[0]
+        assert resp.cseq is not None
+        tx = self._clients.get((via.branch, resp.cseq.method))
+        if tx is not None:
+            tx.receive(resp)
+        elif self.stray_response_handler is not None:
+            result = self.stray_response_handler(resp, addr)
+            if asyncio.iscoroutine(result):
+                self._spawn(result)
+
+    # ------------------------------------------------------------ bookkeeping
+    def _accepted(self, tx: ServerTransaction) -> None:
+        cseq = tx.request.cseq
+        if cseq is not None:
+            self._accepted_invites[(tx.request.call_id, cseq.number)] = tx
+
+    def _forget(self, tx: Transaction) -> None:
+        if isinstance(tx, ClientTransaction):
+            if self._clients.get(tx.key) is tx:
+                del self._clients[tx.key]
+        else:
+            if self._servers.get(tx.key) is tx:
+                del self._servers[tx.key]
+            cseq = tx.request.cseq
+            k = (tx.request.call_id, cseq.number if cseq else None)
+            if self._accepted_invites.get(k) is tx:
+                del self._accepted_invites[k]
+
+    @property
+    def transaction_count(self) -> int:
+        return len(self._clients) + len(self._servers)
+
+    async def close(self) -> None:
+        """Stops all timers and handler tasks and closes the transport."""
+        for tx in [*self._clients.values(), *self._servers.values()]:
+            for t in tx.timers.values():
+                t.cancel()
+        self._clients.clear()
+        self._servers.clear()
+        self._accepted_invites.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.transport.close()
