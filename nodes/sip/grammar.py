@@ -55,9 +55,13 @@ class Params:
         self.items: list[tuple[str, str | None]] = items if items is not None else []
 
     def _find(self, name: str) -> int:
+        items = self.items
+        for i in range(len(items)):  # fast path: the usual exact-case match
+            if items[i][0] == name:
+                return i
         lname = name.lower()
-        for i, (n, _) in enumerate(self.items):
-            if n.lower() == lname:
+        for i in range(len(items)):
+            if items[i][0].lower() == lname:
                 return i
         return -1
 

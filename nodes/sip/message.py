@@ -474,11 +474,11 @@ def response_to(request: Request, status: int, reason: str | None = None, *,
         elif h.key == "to":
             if to_tag is not None and status != 100:
                 try:
-                    to = NameAddr.parse(h.value)
-                    if to.tag is None:
+                    to = request.to  # parsed once and cached on the request
+                    if to is not None and to.tag is None:
                         h = HeaderField(h.name, str(to.with_param("tag", to_tag)))
                 except ValueError:
-                    pass  # a malformed To is echoed as it came
+                    pass  # a malformed (or repeated) To is echoed as it came
             copied.append(h)
     resp = Response(status, reason, copied)
     for h in headers:
