@@ -4,6 +4,8 @@
 to 14 bits, clipped at ±8159, biased by 33 and coded as sign, 3-bit segment and 4-bit
 mantissa, all bits inverted (so 0 → 0xFF). Decoding returns 16-bit values (±32124 at most).
 
+`TimelineWav` writes received speech at sample positions (holes read back as silence).
+
 The sample is `media/speech_8k.wav` (8 kHz mono 16-bit, 10 s), shipped so the lab runs
 without espeak-ng; `python -m nodes.speech generate` rebuilds it with espeak-ng and sox.
 """
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 import wave
 from array import array
 from functools import cache
@@ -109,6 +113,61 @@ def load_pcm(path: str | Path = DEFAULT_SAMPLE) -> bytes:
     if not pcm:
         raise ValueError(f"{path}: WAV file has no samples")
     return pcm
+
+
+_WAV_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+
+
+def _wav_header(data_bytes: int) -> bytes:
+    return _WAV_HEADER.pack(b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, 1, SAMPLE_RATE,
+                            2 * SAMPLE_RATE, 2, 16, b"data", data_bytes)
+
+
+class TimelineWav:
+    """8 kHz mono 16-bit WAV written at arbitrary sample positions.
+
+    Writes go straight to their place in the file; positions never written (lost packets)
+    are file holes and read back as zeros, i.e. silence. The header is refreshed at most
+    once a second and on close, so a killed receiver leaves a playable file.
+    """
+
+    HEADER_EVERY_S = 1.0
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "w+b")  # noqa: SIM115 — lives as long as the stream
+        self._file.write(_wav_header(0))
+        self.samples = 0  # length: one past the last sample written
+        self._header_at = time.monotonic()
+        self._dirty = False
+
+    def write(self, position: int, pcm: bytes) -> None:
+        """Write little-endian 16-bit `pcm` starting at sample `position` (≥ 0)."""
+        if position < 0:
+            raise ValueError(f"WAV position {position} before the start")
+        if len(pcm) % 2:
+            raise ValueError(f"16-bit PCM must have an even length, got {len(pcm)} bytes")
+        self._file.seek(_WAV_HEADER.size + 2 * position)
+        self._file.write(pcm)
+        end = position + len(pcm) // 2
+        if end > self.samples:
+            self.samples, self._dirty = end, True
+        if self._dirty and time.monotonic() - self._header_at >= self.HEADER_EVERY_S:
+            self._write_header()
+
+    def _write_header(self) -> None:
+        self._file.seek(0)
+        self._file.write(_wav_header(2 * self.samples))
+        self._file.flush()
+        self._header_at, self._dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._write_header()
+        # a trailing hole is not possible (the last write ends the file), but be exact
+        self._file.truncate(_WAV_HEADER.size + 2 * self.samples)
+        self._file.close()
 
 
 def generate(path: str | Path = DEFAULT_SAMPLE, text: str = DEFAULT_TEXT,
