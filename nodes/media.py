@@ -162,12 +162,28 @@ class _Sender:
         new_local = self.local_ip if local_ip is None else _check_ip(local_ip)
         old = {"remote": _fmt(self.remote), "local": self._local_text()}
         if new_local != self.local_ip:
-            sock = _udp_socket((new_local, self.local_port), f"{self.kind} sender")
-            self._sock.close()
-            self._sock, self.local_ip = sock, new_local
+            self._sock, self.local_ip = self._rebind(new_local), new_local
         self.remote = remote
         self._emit("retarget", old=old, remote=_fmt(remote), local=self._local_text(),
                    seq=self.seq, ts=self.timestamp)
+
+    def _rebind(self, ip: str) -> socket.socket:
+        what = f"{self.kind} sender"
+        try:
+            sock = _udp_socket((ip, self.local_port), what)
+        except ValueError:
+            if not self.local_port:
+                raise
+            # a fixed port held on the wildcard address blocks a specific one: release it,
+            # retry, and put the old socket back if the new address is unusable
+            self._sock.close()
+            try:
+                return _udp_socket((ip, self.local_port), what)
+            except ValueError:
+                self._sock = _udp_socket((self.local_ip, self.local_port), what)
+                raise
+        self._sock.close()
+        return sock
 
     def state(self) -> dict[str, Any]:
         """Where the stream is: enough to continue it elsewhere (next seq and timestamp)."""

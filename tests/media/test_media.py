@@ -155,6 +155,25 @@ def test_retarget_bad_input_leaves_sender_unchanged() -> None:
     asyncio.run(run())
 
 
+def test_retarget_with_fixed_local_port() -> None:
+    async def run() -> None:
+        probe = Receiver(0, rtcp=False)  # find a free port, then give it to the sender
+        port = probe.port
+        probe.close()
+        tx = VoiceSender((LO, 9), pcm=tone(320), local_port=port, rtcp_interval=0)
+        assert tx.state()["local"] == f"0.0.0.0:{port}"
+        tx.retarget((LO, 9), local_ip="127.0.0.2")  # wildcard → specific on the same port
+        assert tx.state()["local"] == f"127.0.0.2:{port}"
+        with pytest.raises(ValueError, match=f"cannot bind voice sender to 192.0.2.77:{port}"):
+            tx.retarget((LO, 9), local_ip="192.0.2.77")
+        assert tx.state()["local"] == f"127.0.0.2:{port}"
+        tx.retarget((LO, 9), local_ip="0.0.0.0")
+        assert tx.state()["local"] == f"0.0.0.0:{port}"
+        await tx.stop()
+
+    asyncio.run(run())
+
+
 def test_video_frames_split_with_marker_on_last(tmp_path: Path) -> None:
     logp = tmp_path / "ev.jsonl"
 
