@@ -303,6 +303,12 @@ class ServerTransaction(Transaction):
             self._set_state(ServerState.COMPLETED)
             self._start("J", self.cfg.j)
 
+    def discard(self) -> None:
+        """Answer nothing (a proxy silently dropping a request): absorb retransmissions of it
+        until Timer J (64*T1) ends the transaction, so each is not handled anew."""
+        if self.last_response is None:
+            self._start("J", self.cfg.j)
+
     def receive_retransmission(self) -> None:
         st = self.state
         if self.invite:

@@ -1,0 +1,376 @@
+"""Proxy/registrar node: REGISTER bindings and stateful proxying between terminals.
+
+Rules (DESIGN §1 Fig 1, §2 "Routes and trust"):
+
+* A request other than REGISTER from a source with no registration is **dropped silently**
+  (counted, logged, no response) — unless it comes from a configured server (SMS, presence).
+* A request whose From is not the AOR registered at its source gets `403`.
+* An initial INVITE or MESSAGE between users who are not friends gets `403`.
+* Everything else is proxied statefully, with Record-Route on dialog-creating requests.
+
+`--mode open` runs without sec-agree (for SIPp interop and the benchmark) through the same
+code path; the mode is printed at start and in every status reply.
+
+    python -m nodes.proxy --config config/lab.json --listen 10.0.0.10 --mode open \\
+        --events run/events/proxy.jsonl --control run/ctl/proxy.sock
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from nodes.control import ControlServer
+from nodes.events import EventLog
+from nodes.labconfig import ConfigError, LabConfig
+from nodes.registrar import Binding, Registrar
+from nodes.sip.checks import Policy
+from nodes.sip.dialog import uri_address
+from nodes.sip.endpoint import SipEndpoint
+from nodes.sip.headers import NameAddr
+from nodes.sip.message import Request, Response
+from nodes.sip.timers import TimerConfig
+from nodes.sip.transaction import ClientTransaction, ServerTransaction, TransactionTimeout
+from nodes.sip.transport import Addr, UdpTransport
+from nodes.sip.uri import SipUri
+
+log = logging.getLogger("proxy")
+
+DIALOG_CREATING = ("INVITE",)
+POLICY_CHECKED = ("INVITE", "MESSAGE")
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Where to send a forwarded request, and from which of our endpoints."""
+
+    endpoint: SipEndpoint
+    addr: Addr
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: LabConfig,
+        listen: str,
+        port: int = 5060,
+        mode: str = "open",
+        events: EventLog | None = None,
+        timers: TimerConfig | None = None,
+    ) -> None:
+        if mode not in ("open", "ipsec-m2ms"):
+            raise ValueError(f"unknown proxy mode {mode!r} (expected open or ipsec-m2ms)")
+        self.config = config
+        self.listen, self.port, self.mode = listen, port, mode
+        self.events = events or EventLog("proxy")
+        self.timers = timers or TimerConfig()
+        self.counters: Counter[str] = Counter()
+        self.registrar = Registrar(lambda aor: config.terminal_of(aor) is not None)
+        self.trusted = set(config.servers.values()) - {listen}
+        self.endpoint: SipEndpoint | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        transport = await UdpTransport.create(self.listen, self.port)
+        self.endpoint = SipEndpoint(transport, self._handle, timers=self.timers,
+                                    policy=Policy(role="proxy"), auto_trying=False,
+                                    answer_cancel=False, name="proxy")
+        self.endpoint.ack_handler = self._on_ack
+        self.endpoint.stray_response_handler = self._on_stray_response
+        self.record_route = f"<sip:{self.listen}:{self.port};lr>"
+        self.events.emit("proxy-started", mode=self.mode, listen=f"{self.listen}:{self.port}")
+
+    async def close(self) -> None:
+        if self.endpoint is not None:
+            await self.endpoint.close()
+            self.endpoint = None
+
+    # -- requests ---------------------------------------------------------------------------
+    async def _handle(self, tx: ServerTransaction) -> None:
+        req = tx.request
+        self.counters[f"rx-{req.method}"] += 1
+        if req.method == "REGISTER":
+            self._register(tx)
+            return
+        source = tx.source
+        if source[0] not in self.trusted:
+            aor = self.registrar.aor_at(source)
+            if aor is None:
+                self._drop(tx, "unregistered source")
+                return
+            frm = req.from_
+            if frm is None or not isinstance(frm.uri, SipUri) or frm.uri.aor() != aor:
+                self.counters["forbidden-from"] += 1
+                self.events.emit("refused", status=403, why="From is not the registered user",
+                                 method=req.method, call_id=req.call_id, source=list(source))
+                tx.reply(403, "From does not match the registered user")
+                return
+        if req.method == "INVITE":
+            tx.reply(100)
+        self._strip_own_route(req)
+        hop = self._route(tx)
+        if hop is None:
+            return
+        await self._forward(tx, hop)
+
+    def _drop(self, tx: ServerTransaction, why: str) -> None:
+        req = tx.request
+        self.counters["dropped-unregistered"] += 1
+        log.info("dropped %s from %s:%d: %s", req.method, *tx.source, why)
+        self.events.emit("dropped", why=why, method=req.method, call_id=req.call_id,
+                         source=list(tx.source))
+        tx.discard()
+
+    def _strip_own_route(self, req: Request) -> None:
+        routes = req.values("route")
+        if routes:
+            top = NameAddr.parse(routes[0]).uri
+            if isinstance(top, SipUri) and top.host == self.listen and \
+                    (top.port or 5060) == self.port:
+                req.pop_top("route")
+
+    def _route(self, tx: ServerTransaction) -> Hop | None:
+        """Decide the next hop, or answer the request ourselves and return None."""
+        req = tx.request
+        assert self.endpoint is not None
+        if req.values("route"):  # someone else's loose route: follow it
+            return Hop(self.endpoint, uri_address(NameAddr.parse(req.values("route")[0]).uri))
+        uri = req.uri
+        if not isinstance(uri, SipUri):
+            tx.reply(416)
+            return None
+        if uri.host.lower() == self.config.domain:
+            user = uri.user or ""
+            if user in self.config.servers:
+                return Hop(self.endpoint, (self.config.servers[user], 5060))
+            callee = self.config.terminal_of(uri.aor())
+            if callee is None:
+                tx.reply(404, "No such user")
+                return None
+            to_tag = req.to.tag if req.to else None
+            if req.method in POLICY_CHECKED and to_tag is None and not self._allowed(req, tx):
+                return None
+            bindings = self.registrar.bindings(uri.aor())
+            if not bindings:
+                tx.reply(480, "Not registered")
+                return None
+            binding = max(bindings, key=lambda b: b.registered_ns)
+            req.set_uri(binding.contact.uri)
+            return self._hop_to(binding)
+        # In-dialog: the Request-URI is a terminal's contact.
+        binding = self._binding_for_contact(uri)
+        if binding is None:
+            tx.reply(404, "Unknown target")
+            return None
+        return self._hop_to(binding)
+
+    def _allowed(self, req: Request, tx: ServerTransaction) -> bool:
+        if tx.source[0] in self.trusted:
+            return True
+        frm = req.from_
+        caller = self.config.terminal_of(frm.uri.aor()) if frm and isinstance(
+            frm.uri, SipUri) else None
+        callee = self.config.terminal_of(req.uri.aor()) if isinstance(req.uri, SipUri) else None
+        if caller and callee and self.config.may_contact(caller.name, callee.name):
+            return True
+        self.counters["forbidden-policy"] += 1
+        self.events.emit("refused", status=403, why="not friends", method=req.method,
+                         call_id=req.call_id, caller=caller.name if caller else None,
+                         callee=callee.name if callee else None)
+        tx.reply(403, "Not a friend")
+        return False
+
+    def _binding_for_contact(self, uri: SipUri) -> Binding | None:
+        for bindings in self.registrar.all_bindings().values():
+            for b in bindings:
+                c = b.contact.uri
+                if isinstance(c, SipUri) and c.host == uri.host and \
+                        (c.port or 5060) == (uri.port or 5060):
+                    return b
+        return None
+
+    def _hop_to(self, binding: Binding) -> Hop:
+        assert self.endpoint is not None
+        return Hop(self.endpoint, uri_address(binding.contact.uri))
+
+    async def _forward(self, tx: ServerTransaction, hop: Hop) -> None:
+        req = tx.request
+        fwd = req.copy()
+        mf = req.max_forwards
+        if mf is not None:
+            if mf <= 0:
+                tx.reply(483)
+                return
+            fwd.set("Max-Forwards", mf - 1)
+        if req.method in DIALOG_CREATING and not (req.to and req.to.tag):
+            fwd.add("Record-Route", self.record_route, top=True)
+        tx.retransmit_2xx = False  # a proxy relays 2xx retransmissions, it does not make them
+
+        def relay(resp: Response) -> None:
+            if resp.status > 100:
+                tx.respond(self._upstream(resp))
+
+        try:
+            ctx = hop.endpoint.client_transaction(fwd, hop.addr, on_provisional=relay)
+        except (OSError, ValueError) as exc:
+            self.events.emit("forward-failed", method=req.method, error=str(exc))
+            tx.reply(503)
+            return
+        self.counters[f"fwd-{req.method}"] += 1
+        if req.method == "INVITE":
+            task = asyncio.ensure_future(self._relay_cancel(tx, ctx))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        try:
+            resp = await ctx.final()
+        except TransactionTimeout:
+            tx.reply(408 if req.method != "INVITE" else 504)
+            return
+        tx.respond(self._upstream(resp))
+
+    async def _relay_cancel(self, tx: ServerTransaction, ctx: ClientTransaction) -> None:
+        cancelled = asyncio.ensure_future(tx.cancelled.wait())
+        done = asyncio.ensure_future(ctx.final())
+        await asyncio.wait({cancelled, done}, return_when=asyncio.FIRST_COMPLETED)
+        if cancelled.done() and not done.done():
+            assert self.endpoint is not None
+            self.endpoint.cancel(ctx)
+        for f in (cancelled, done):
+            f.cancel()
+
+    @staticmethod
+    def _upstream(resp: Response) -> Response:
+        up = resp.copy()
+        up.pop_top("via")
+        return up
+
+    def _on_ack(self, req: Request, addr: Addr) -> None:
+        """ACK for a 2xx: its own transaction-less request, routed like any in-dialog one."""
+        if addr[0] not in self.trusted and self.registrar.aor_at(addr) is None:
+            self.counters["dropped-unregistered"] += 1
+            return
+        self._strip_own_route(req)
+        uri = req.uri
+        binding = self._binding_for_contact(uri) if isinstance(uri, SipUri) else None
+        if binding is None:
+            return
+        assert self.endpoint is not None
+        fwd = req.copy()
+        self.endpoint.send_stateless(fwd, uri_address(binding.contact.uri))
+        self.counters["fwd-ACK"] += 1
+
+    def _on_stray_response(self, resp: Response, addr: Addr) -> None:
+        """A 2xx retransmission after our client transaction ended: pass it upstream."""
+        vias = resp.vias
+        if len(vias) < 2 or self.endpoint is None:
+            return
+        up = self._upstream(resp)
+        nxt = up.vias[0]
+        host = nxt.received or nxt.sent_by[0]
+        port = nxt.rport or nxt.sent_by[1]
+        self.endpoint.send_response(up, (host, port))
+
+    # -- REGISTER ---------------------------------------------------------------------------
+    def _register(self, tx: ServerTransaction) -> None:
+        req = tx.request
+        outcome = self.registrar.register(req, tx.source)
+        if outcome.status != 200:
+            self.counters[f"register-{outcome.status}"] += 1
+            self.events.emit("register-refused", status=outcome.status, reason=outcome.reason,
+                             source=list(tx.source))
+            tx.reply(outcome.status, outcome.reason)
+            return
+        now = time.monotonic()
+        for b in outcome.added:
+            self.events.emit("registered", aor=b.aor, contact=str(b.contact.uri),
+                             source=list(b.source), expires=b.expires_in(now))
+        for b in outcome.removed:
+            self.events.emit("unregistered", aor=b.aor, contact=str(b.contact.uri))
+        self.counters["registered"] += len(outcome.added)
+        contacts = [("Contact", f"<{b.contact.uri}>;expires={b.expires_in(now)}")
+                    for b in outcome.bindings]
+        tx.reply(200, headers=contacts)
+
+    # -- status for the runner and the other servers ---------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "mode": self.mode,
+            "registrations": {
+                aor: [{"contact": str(b.contact.uri), "source": list(b.source),
+                       "expires_in": b.expires_in(now)} for b in bindings]
+                for aor, bindings in self.registrar.all_bindings().items()
+            },
+            "counters": dict(self.counters),
+        }
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        config = LabConfig.load(args.config)
+    except ConfigError as exc:
+        print(f"proxy: {exc}", file=sys.stderr)
+        return 2
+    events = EventLog("proxy", args.events)
+    timers = TimerConfig(t1=args.t1, timer_d=64 * args.t1)
+    proxy = Proxy(config, args.listen, args.port, args.mode, events, timers)
+    await proxy.start()
+    control = None
+    if args.control:
+        control = ControlServer(args.control, "proxy")
+
+        async def status() -> dict[str, Any]:
+            return proxy.status()
+
+        control.command("status", status, help="registrations and counters")
+        await control.start()
+    print(f"proxy: {args.mode} mode on {args.listen}:{args.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    purge = asyncio.ensure_future(_purge_loop(proxy))
+    await stop.wait()
+    purge.cancel()
+    if control is not None:
+        await control.close()
+    await proxy.close()
+    events.emit("proxy-stopped", counters=dict(proxy.counters))
+    events.close()
+    return 0
+
+
+async def _purge_loop(proxy: Proxy) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        for b in proxy.registrar.purge():
+            proxy.events.emit("expired", aor=b.aor, contact=str(b.contact.uri))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nodes.proxy",
+                                     description="smig-lab proxy/registrar")
+    parser.add_argument("--config", default="config/lab.json")
+    parser.add_argument("--listen", required=True, help="IPv4 address to listen on")
+    parser.add_argument("--port", type=int, default=5060)
+    parser.add_argument("--mode", choices=("open", "ipsec-m2ms"), default="ipsec-m2ms")
+    parser.add_argument("--events", help="JSON-lines event log (default stdout)")
+    parser.add_argument("--control", help="Unix socket path for the control interface")
+    parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

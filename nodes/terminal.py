@@ -1,0 +1,273 @@
+"""Terminal node: a SIP UA that registers, calls, answers, sends MESSAGE and hangs up.
+
+Driven by the runner through its control socket (`nodes.control`); every step is a JSON line
+in its event log with a wall-clock `t_ns` (DESIGN §2, Measurements).
+
+    python -m nodes.terminal --name a1 --local 10.0.1.10 --proxy 10.0.0.10 --mode open \\
+        --events run/events/a1.jsonl --control run/ctl/a1.sock
+
+Control commands (JSON replies; `help` lists them with their parameters):
+
+    register  [expires]        REGISTER with the proxy; replies with the status
+    unregister                 REGISTER with Expires: 0
+    call      to               INVITE through the proxy; replies when it is answered or fails
+    hangup    call_id          BYE
+    message   to, text         MESSAGE through the proxy
+    status                     registration, dialogs, counters
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections import Counter
+from typing import Any
+
+from nodes.control import CommandError, ControlServer
+from nodes.events import EventLog
+from nodes.labconfig import ConfigError, LabConfig
+from nodes.sip.dialog import Dialog, UserAgent
+from nodes.sip.endpoint import new_tag
+from nodes.sip.message import Request
+from nodes.sip.timers import TimerConfig
+from nodes.sip.transaction import ServerTransaction, TransactionTimeout
+from nodes.sip.transport import Addr, UdpTransport
+
+log = logging.getLogger("terminal")
+
+
+def _offer(local_ip: str, port: int) -> bytes:
+    """A minimal audio SDP; media keys and real RTP come with the secure-call layer."""
+    return (f"v=0\r\no=- 1 1 IN IP4 {local_ip}\r\ns=smig\r\nc=IN IP4 {local_ip}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()
+
+
+class Terminal:
+    def __init__(
+        self,
+        name: str,
+        config: LabConfig,
+        local_ip: str,
+        proxy: Addr,
+        port: int = 5060,
+        events: EventLog | None = None,
+        timers: TimerConfig | None = None,
+        media_port: int = 40000,
+    ) -> None:
+        if config.terminal_of(name) is None:
+            raise ValueError(f"terminal {name!r} is not in {config.source}")
+        self.name, self.config = name, config
+        self.aor = config.aor(name)
+        self.local_ip, self.port, self.proxy = local_ip, port, proxy
+        self.media_port = media_port
+        self.events = events or EventLog(name)
+        self.timers = timers or TimerConfig()
+        self.counters: Counter[str] = Counter()
+        self.ua: UserAgent | None = None
+        self.calls: dict[str, Dialog] = {}
+        self.registered = False
+        self._reg_call_id = f"reg-{new_tag()}@{local_ip}"
+        self._reg_cseq = 0
+        self.messages: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        transport = await UdpTransport.create(self.local_ip, self.port)
+        from nodes.sip.endpoint import SipEndpoint
+
+        endpoint = SipEndpoint(transport, timers=self.timers, name=self.name)
+        self.ua = UserAgent(endpoint, self.aor, on_request=self._on_request)
+        self.events.emit("terminal-started", aor=self.aor, local=f"{self.local_ip}:{self.port}",
+                         proxy=f"{self.proxy[0]}:{self.proxy[1]}")
+
+    async def close(self) -> None:
+        if self.ua is not None:
+            for dlg in list(self.calls.values()):
+                await self._bye(dlg)
+            await self.ua.endpoint.close()
+            self.ua = None
+
+    # -- commands ---------------------------------------------------------------------------
+    async def register(self, expires: int = 3600) -> dict[str, Any]:
+        if not 0 <= expires <= 86400:
+            raise CommandError(f"expires must be 0..86400, got {expires}")
+        ua = self._ua()
+        self._reg_cseq += 1
+        req = Request("REGISTER", f"sip:{self.config.domain}", [
+            ("From", f"<{self.aor}>;tag={new_tag()}"), ("To", f"<{self.aor}>"),
+            ("Call-ID", self._reg_call_id), ("CSeq", f"{self._reg_cseq} REGISTER"),
+            ("Contact", f"<{ua.contact}>"), ("Expires", str(expires)),
+        ])
+        self.events.emit("register-sent", expires=expires)
+        try:
+            resp = await ua.endpoint.request(req, self.proxy)
+        except TransactionTimeout as exc:
+            self.events.emit("register-failed", error=str(exc))
+            raise CommandError(f"registration failed: no answer from the proxy ({exc})") from None
+        self.registered = resp.status == 200 and expires > 0
+        self.events.emit("register-done", status=resp.status, expires=expires)
+        return {"status": resp.status, "reason": resp.reason}
+
+    async def unregister(self) -> dict[str, Any]:
+        return await self.register(expires=0)
+
+    async def call(self, to: str) -> dict[str, Any]:
+        ua = self._ua()
+        target = self._target(to)
+        tx = ua.start_invite(target, self.proxy, body=_offer(self.local_ip, self.media_port))
+        call_id = tx.request.call_id
+        self.events.emit("call-started", call_id=call_id, to=target)
+        try:
+            resp, dlg = await ua.complete_invite(tx)
+        except TransactionTimeout:
+            self.events.emit("call-failed", call_id=call_id, error="timeout")
+            raise CommandError("call failed: no answer (Timer B)") from None
+        if dlg is None:
+            self.events.emit("call-failed", call_id=call_id, status=resp.status)
+            return {"call_id": call_id, "status": resp.status, "reason": resp.reason}
+        self.calls[dlg.call_id] = dlg
+        self.events.emit("call-confirmed", call_id=call_id, peer=str(dlg.remote_uri.uri),
+                         role="caller")
+        return {"call_id": call_id, "status": resp.status, "reason": resp.reason}
+
+    async def hangup(self, call_id: str) -> dict[str, Any]:
+        dlg = self.calls.get(call_id)
+        if dlg is None:
+            raise CommandError(f"no call {call_id!r} (calls: {', '.join(self.calls) or 'none'})")
+        status = await self._bye(dlg)
+        return {"call_id": call_id, "status": status}
+
+    async def _bye(self, dlg: Dialog) -> int | None:
+        assert self.ua is not None
+        self.calls.pop(dlg.call_id, None)
+        try:
+            resp = await self.ua.request(dlg, "BYE")
+            status: int | None = resp.status
+        except TransactionTimeout:
+            status = None
+        self.events.emit("call-ended", call_id=dlg.call_id, by="local", status=status)
+        return status
+
+    async def message(self, to: str, text: str) -> dict[str, Any]:
+        ua = self._ua()
+        target = self._target(to)
+        try:
+            resp = await ua.message(target, self.proxy, text.encode())
+        except TransactionTimeout:
+            self.events.emit("message-failed", to=target, error="timeout")
+            raise CommandError("message failed: no answer (Timer F)") from None
+        self.events.emit("message-sent", to=target, status=resp.status)
+        return {"status": resp.status, "reason": resp.reason}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "aor": self.aor, "registered": self.registered,
+            "calls": {cid: {"state": d.state.value, "peer": str(d.remote_uri.uri)}
+                      for cid, d in self.calls.items()},
+            "messages": self.messages[-20:],
+            "counters": dict(self.counters),
+        }
+
+    # -- incoming ---------------------------------------------------------------------------
+    async def _on_request(self, tx: ServerTransaction, dlg: Dialog | None) -> None:
+        req = tx.request
+        ua = self._ua()
+        self.counters[f"rx-{req.method}"] += 1
+        if dlg is None and req.method == "INVITE":
+            self.events.emit("incoming-call", call_id=req.call_id,
+                             peer=str(req.from_.uri) if req.from_ else None)
+            new = ua.answer(tx, 200, body=_offer(self.local_ip, self.media_port),
+                            content_type="application/sdp")
+            if new is not None:
+                self.calls[new.call_id] = new
+                self.events.emit("call-confirmed", call_id=new.call_id,
+                                 peer=str(new.remote_uri.uri), role="callee")
+        elif req.method == "MESSAGE":
+            record = {"from": str(req.from_.uri) if req.from_ else None,
+                      "text": req.body.decode(errors="replace"), "call_id": req.call_id}
+            self.messages.append(record)
+            self.events.emit("message-received", **record)
+            tx.reply(200)
+        elif req.method == "BYE" and dlg is not None:
+            self.calls.pop(dlg.call_id, None)
+            self.events.emit("call-ended", call_id=dlg.call_id, by="remote")
+        elif dlg is None:
+            tx.reply(405 if req.method not in ("OPTIONS",) else 200)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _ua(self) -> UserAgent:
+        if self.ua is None:
+            raise CommandError("terminal is not started")
+        return self.ua
+
+    def _target(self, to: str) -> str:
+        term = self.config.terminal_of(to)
+        if term is None and not to.startswith("sip:"):
+            raise CommandError(f"unknown terminal {to!r}")
+        return self.config.aor(term.name) if term is not None else to
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        config = LabConfig.load(args.config)
+    except ConfigError as exc:
+        print(f"terminal: {exc}", file=sys.stderr)
+        return 2
+    events = EventLog(args.name, args.events)
+    timers = TimerConfig(t1=args.t1, timer_d=64 * args.t1)
+    term = Terminal(args.name, config, args.local, (args.proxy, args.proxy_port), args.port,
+                    events, timers)
+    await term.start()
+    control = ControlServer(args.control, args.name) if args.control else None
+    if control is not None:
+        control.command("register", term.register, optional={"expires": int},
+                        help="REGISTER with the proxy")
+        control.command("unregister", term.unregister, help="REGISTER with Expires: 0")
+        control.command("call", term.call, required={"to": str}, help="INVITE a terminal")
+        control.command("hangup", term.hangup, required={"call_id": str}, help="BYE")
+        control.command("message", term.message, required={"to": str, "text": str},
+                        help="MESSAGE a terminal")
+
+        async def status() -> dict[str, Any]:
+            return term.status()
+
+        control.command("status", status, help="registration, calls, counters")
+        await control.start()
+    print(f"terminal {args.name}: {args.local}:{args.port}, proxy {args.proxy}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if control is not None:
+        await control.close()
+    await term.close()
+    events.emit("terminal-stopped")
+    events.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nodes.terminal",
+                                     description="smig-lab terminal (SIP UA)")
+    parser.add_argument("--name", required=True, help="terminal name, e.g. a1")
+    parser.add_argument("--config", default="config/lab.json")
+    parser.add_argument("--local", required=True, help="local IPv4 address for SIP")
+    parser.add_argument("--port", type=int, default=5060)
+    parser.add_argument("--proxy", required=True, help="proxy IPv4 address")
+    parser.add_argument("--proxy-port", type=int, default=5060)
+    parser.add_argument("--mode", choices=("open", "ipsec-m2ms"), default="ipsec-m2ms")
+    parser.add_argument("--events", help="JSON-lines event log (default stdout)")
+    parser.add_argument("--control", help="Unix socket path for the control interface")
+    parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
