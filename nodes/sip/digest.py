@@ -73,7 +73,7 @@ def _parse(text: str, what: str) -> dict[str, str]:
     while pos < end:
         p = _PARAM_RE.match(text, pos)
         if p is None:
-            raise ValueError(f"{what}: malformed parameter at {text[pos:pos + 20]!r}")
+            raise ValueError(f"{what}: malformed parameter at {text[pos:].lstrip()[:20]!r}")
         name = p.group(1).lower()
         if name in params:
             raise ValueError(f"{what}: duplicate parameter {name!r}")
