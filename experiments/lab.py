@@ -28,13 +28,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from experiments.capabilities import Capabilities, probe
+from experiments.control import NodeControl
 from experiments.faults import FaultClient
-from topologies.m2m import M2M_NETWORKS, M2MTopo, address
+from topologies.m2m import M2M_HOSTS, M2M_NETWORKS, M2MTopo, address
 
 PROJECT = Path(__file__).resolve().parent.parent
 CAPTURES = PROJECT / "captures"
 VENV_PYTHON = PROJECT / ".venv" / "bin" / "python"
 PROBE_PORT = 9000
+DEFAULT_CONFIG = PROJECT / "config" / "lab.json"
 
 
 def python() -> str:
@@ -126,6 +128,7 @@ class Lab:
         self.net: Any = None
         self.faults: FaultClient | None = None
         self.procs: list[Proc] = []
+        self.nodes: dict[str, NodeControl] = {}
         self.pcaps: dict[str, Path] = {}
         self._controller: Proc | None = None
         self._created_bridges: list[str] = []
@@ -306,6 +309,42 @@ class Lab:
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
+
+    def start_node(self, host: str, module: str, name: str, args: list[str]) -> NodeControl:
+        """Start a node program (`python -m <module>`) in `host` with its event log and
+        control socket in the run folder; returns the control client once it answers."""
+        assert self.run_dir is not None
+        ctl_dir = self.run_dir / "ctl"
+        ctl_dir.mkdir(exist_ok=True)
+        sock = ctl_dir / f"{name}.sock"
+        events = self.run_dir / "events" / f"{name}.jsonl"
+        proc = self.popen(host, [python(), "-m", module, *args, "--events", str(events),
+                                 "--control", str(sock)], name=name)
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"{name} exited at start (code {proc.popen.returncode}): "
+                                   f"see logs/{name}.log")
+            return sock.exists()
+
+        wait_until(ready, 20, f"{name}'s control socket")
+        control = NodeControl(sock)
+        self.nodes[name] = control
+        return control
+
+    def start_proxy(self, mode: str = "ipsec-m2ms", config: Path | None = None,
+                    t1: float = 0.1) -> NodeControl:
+        return self.start_node("proxy", "nodes.proxy", "proxy", [
+            "--listen", address("proxy", "core"), "--mode", mode, "--t1", str(t1),
+            "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO"])
+
+    def start_terminal(self, name: str, mode: str = "ipsec-m2ms", config: Path | None = None,
+                       t1: float = 0.1) -> NodeControl:
+        primary = M2M_HOSTS[name][0][0]
+        return self.start_node(name, "nodes.terminal", name, [
+            "--name", name, "--local", address(name, primary),
+            "--proxy", address("proxy", "core"), "--mode", mode, "--t1", str(t1),
+            "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO"])
 
     def start_probe(self, rate: float = 50.0) -> tuple[Path, Path]:
         """A1 → B1 probe streams over both of A1's paths; returns (A1 log, B1 log)."""
