@@ -45,7 +45,7 @@ ENC_KEY_LENGTH = {"aes-cbc": 16, "null": 0}
 # HMAC keys as long as the hash output (RFC 4868 §2.1.1, RFC 2404 §3): SHA-1 takes the first
 # 20 bytes of its 32-byte integrity slice.
 AUTH_KEY_LENGTH = {"hmac-sha-256-128": 32, "hmac-sha-1-96": 20}
-_DIGITS_RE = re.compile(r"[0-9]{1,10}\Z")
+_DIGITS_RE = re.compile(r"[0-9]+\Z")
 
 
 # ---- generic keying helpers ------------------------------------------------------------------
@@ -147,9 +147,12 @@ class M2mKey:
         for name in ("spi", "ealg", "alg"):
             if name not in seen:
                 raise ValueError(f"m2m-key: missing parameter {name!r}")
-        if not _DIGITS_RE.match(seen["spi"]):
-            raise ValueError(f"m2m-key: spi {seen['spi']!r} is not a decimal number")
-        key = cls(nonce, int(seen["spi"]), seen["ealg"], seen["alg"])
+        spi = seen["spi"]
+        if not _DIGITS_RE.match(spi):
+            raise ValueError(f"m2m-key: spi {spi!r} is not a decimal number")
+        if len(spi) > 10:  # keeps int() away from huge digit strings
+            raise ValueError(f"m2m-key: spi {spi[:12]}... out of range ({SPI_MIN}..{SPI_MAX})")
+        key = cls(nonce, int(spi), seen["ealg"], seen["alg"])
         object.__setattr__(key, "_raw", value)
         return key
 
