@@ -111,6 +111,8 @@ class _Sender:
                  log_packets: bool = False) -> None:
         self.remote = check_address(remote)
         self.local_ip = _check_ip(local_ip or "0.0.0.0")
+        if not 0 <= local_port < 65536:
+            raise ValueError(f"local port must be 0..65535, got {local_port}")
         self.local_port = local_port
         self.log = log
         self.name = name
@@ -158,6 +160,8 @@ class _Sender:
         Takes effect between frames; SSRC, seq and timestamp continue. Bad input raises
         ValueError and leaves the sender as it was.
         """
+        if self._sock.fileno() < 0:
+            raise ValueError(f"{self.name} is stopped: nothing to retarget")
         remote = check_address(remote)
         new_local = self.local_ip if local_ip is None else _check_ip(local_ip)
         old = {"remote": _fmt(self.remote), "local": self._local_text()}

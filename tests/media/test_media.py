@@ -150,7 +150,11 @@ def test_retarget_bad_input_leaves_sender_unchanged() -> None:
             with pytest.raises(ValueError, match=message):
                 tx.retarget(remote, local)  # type: ignore[arg-type]
             assert tx.state() == before
+        with pytest.raises(ValueError, match="local port must be 0..65535, got 70000"):
+            VoiceSender((LO, 9), pcm=tone(320), local_port=70000)
         await tx.stop()
+        with pytest.raises(ValueError, match="voice is stopped"):
+            tx.retarget((LO, 5))
 
     asyncio.run(run())
 
