@@ -230,3 +230,18 @@ def test_sdp_attribute_errors() -> None:
                        "a=m2m-key")
     with pytest.raises(ValueError, match="^m2m-key: attribute without a value$"):
         media_key(SessionDescription.parse(bare.encode()).media[0])
+
+
+def test_media_sas_carry_esp_both_ways() -> None:
+    from nodes.ipsec.esp import IntegrityError, SaState
+
+    off = media_sas(Role.OFFERER, OFFER, ANSWER, CALL_ID, 0, A1, 40000, B1, 50000)
+    ans = media_sas(Role.ANSWERER, OFFER, ANSWER, CALL_ID, 0, B1, 50000, A1, 40000)
+    rtp = b"\x80\x00\x00\x01" + bytes(168)
+    assert SaState(ans.inbound).receive(SaState(off.outbound).send(rtp, 17)).payload == rtp
+    assert SaState(off.inbound).receive(SaState(ans.outbound).send(rtp, 17)).payload == rtp
+    # a third party that saw only the Call-ID and SPIs, not the nonces, cannot forge
+    forged = media_sas(Role.OFFERER, M2mKey(bytes(16), OFFER.spi), ANSWER, CALL_ID, 0,
+                       A1, 40000, B1, 50000)
+    with pytest.raises(IntegrityError):
+        SaState(ans.inbound).receive(SaState(forged.outbound).send(rtp, 17))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -198,3 +199,23 @@ def test_new_spi_avoids_spis_in_use() -> None:
 def test_keypair_cut_rejects_unknown_algorithms() -> None:
     with pytest.raises(ValueError, match="unknown encryption algorithm 'des'"):
         KeyPair.cut(bytes(16), bytes(32), "des", "hmac-sha-1-96")
+
+
+@pytest.mark.parametrize(("alg", "ealg"), [("hmac-sha-256-128", "aes-cbc"),
+                                           ("hmac-sha-1-96", "null")])
+def test_sas_carry_esp_between_the_sides(alg: str, ealg: str) -> None:
+    """The client's outbound SAs produce ESP the server's inbound SAs accept (userspace ESP),
+    and a wrong PSK fails integrity, as DESIGN §2 expects of the protected REGISTER."""
+    from nodes.ipsec.esp import IntegrityError, SaState
+
+    agreed = Agreement(alg, ealg, CLIENT, SERVER)
+    cl = registration_sas(agreed, derive_registration_keys(PSK, NONCE, agreed), Side.CLIENT)
+    sv = registration_sas(agreed, derive_registration_keys(PSK, NONCE, agreed), Side.SERVER)
+    bad = registration_sas(agreed, derive_registration_keys(b"another psk....", NONCE, agreed),
+                           Side.CLIENT)
+    for out_sa, in_sa, bad_sa in zip(cl.outbound, sv.inbound, bad.outbound, strict=True):
+        receiver = SaState(replace(in_sa))  # SaState keeps its runtime state in the SA
+        with pytest.raises(IntegrityError):
+            receiver.receive(SaState(bad_sa).send(b"x", 17))
+        wire = SaState(out_sa).send(b"REGISTER sip:m2m.example SIP/2.0\r\n", 17)
+        assert receiver.receive(wire).payload == b"REGISTER sip:m2m.example SIP/2.0\r\n"
