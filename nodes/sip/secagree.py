@@ -5,10 +5,15 @@ parameters of the lab's `ipsec-m2ms` mechanism (DESIGN §2), negotiation, downgr
     ipsec-m2ms;alg=hmac-sha-256-128;ealg=aes-cbc;prot=esp;mod=trans;
         spi-c=1111;spi-s=2222;port-c=5062;port-s=5064[;q=0.5]
 
-Other mechanisms (`digest`, `tls`, `ipsec-ike`, `ipsec-3gpp`, ...) parse generically; unknown
-parameters are kept. Malformed text raises ValueError (a UA/proxy answers 400); a well-formed
-offer with nothing acceptable raises `SecAgreeError` (494); a Security-Verify that differs from
-the Security-Server sent raises `SecurityVerifyMismatch` (a downgrade attempt, also 494).
+ipsec-m2ms requires alg, ealg, spi-c, spi-s (256..2^32-1), port-c, port-s (1..65535); prot and
+mod default to esp and trans as in TS 33.203. Values the lab does not implement (alg=hmac-md5-96,
+mod=tun, ...) make a mechanism unsupported, not malformed: a UA lists one entry per algorithm
+and the peer picks. Other mechanisms (`digest`, `tls`, `ipsec-ike`, `ipsec-3gpp`, ...) parse
+generically; unknown parameters are kept.
+
+Malformed text raises ValueError (a UA/proxy answers 400); a well-formed offer with nothing
+acceptable raises `SecAgreeError` (494); a Security-Verify that differs from the
+Security-Server sent raises `SecurityVerifyMismatch` (a downgrade attempt, also 494).
 
 The second half derives the registration keys (HKDF-SHA-256 from the PSK and the Digest
 nonce) and lays out the four transport-mode ESP SAs and their policies, for either side.
@@ -34,15 +39,13 @@ from nodes.ipsec.api import (
     SecurityAssociation,
     Selector,
 )
-from nodes.mediakeys import KeyPair, hkdf_sha256, new_spi
+from nodes.mediakeys import SPI_MAX, SPI_MIN, KeyPair, hkdf_sha256, new_spi
 from nodes.sip.grammar import TOKEN, Params, parse_params, split_commas, unquote
 
 IPSEC_M2MS = "ipsec-m2ms"
 # Mechanisms that carry the Annex H parameters (spi/port values are checked for both).
 ANNEX_H_MECHANISMS = frozenset({IPSEC_M2MS, "ipsec-3gpp"})
 REQUIRED_M2MS = ("alg", "ealg", "spi-c", "spi-s", "port-c", "port-s")
-SPI_MIN = 256  # RFC 4303: SPIs 1-255 are reserved, 0 is local use (as nodes.mediakeys)
-SPI_MAX = 2**32 - 1
 _NUMERIC = {"spi-c": (SPI_MIN, SPI_MAX), "spi-s": (SPI_MIN, SPI_MAX),
             "port-c": (1, 65535), "port-s": (1, 65535)}
 _NAME_RE = re.compile(f"[ \t]*({TOKEN})")
