@@ -37,6 +37,7 @@ CAPTURES = PROJECT / "captures"
 VENV_PYTHON = PROJECT / ".venv" / "bin" / "python"
 PROBE_PORT = 9000
 DEFAULT_CONFIG = PROJECT / "config" / "lab.json"
+DEFAULT_CREDENTIALS = PROJECT / "config" / "credentials.json"
 
 
 def python() -> str:
@@ -332,19 +333,26 @@ class Lab:
         self.nodes[name] = control
         return control
 
+    def _security_args(self, credentials: Path | None) -> list[str]:
+        assert self.caps is not None and self.run_dir is not None
+        return ["--ipsec", self.caps.ipsec_backend, "--esp-sa", str(self.run_dir / "esp_sa"),
+                "--credentials", str(credentials or DEFAULT_CREDENTIALS)]
+
     def start_proxy(self, mode: str = "ipsec-m2ms", config: Path | None = None,
-                    t1: float = 0.1) -> NodeControl:
+                    t1: float = 0.1, credentials: Path | None = None) -> NodeControl:
         return self.start_node("proxy", "nodes.proxy", "proxy", [
             "--listen", address("proxy", "core"), "--mode", mode, "--t1", str(t1),
-            "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO"])
+            "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO",
+            *self._security_args(credentials)])
 
     def start_terminal(self, name: str, mode: str = "ipsec-m2ms", config: Path | None = None,
-                       t1: float = 0.1) -> NodeControl:
+                       t1: float = 0.1, credentials: Path | None = None) -> NodeControl:
         primary = M2M_HOSTS[name][0][0]
         return self.start_node(name, "nodes.terminal", name, [
             "--name", name, "--local", address(name, primary),
             "--proxy", address("proxy", "core"), "--mode", mode, "--t1", str(t1),
-            "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO"])
+            "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO",
+            *self._security_args(credentials)])
 
     def start_probe(self, rate: float = 50.0) -> tuple[Path, Path]:
         """A1 → B1 probe streams over both of A1's paths; returns (A1 log, B1 log)."""

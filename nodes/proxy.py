@@ -25,12 +25,15 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from nodes.control import ControlServer
 from nodes.events import EventLog
-from nodes.labconfig import ConfigError, LabConfig
+from nodes.ipsec.node import NodeIpsec
+from nodes.labconfig import ConfigError, Credentials, LabConfig
 from nodes.registrar import Binding, Registrar
+from nodes.secreg import SEC_AGREE, SecRegServer
 from nodes.sip.checks import Policy
 from nodes.sip.dialog import uri_address
 from nodes.sip.endpoint import SipEndpoint
@@ -44,6 +47,7 @@ from nodes.sip.uri import SipUri
 log = logging.getLogger("proxy")
 
 DIALOG_CREATING = ("INVITE",)
+PROXY_POLICY = Policy(role="proxy", supported=frozenset({SEC_AGREE}))
 POLICY_CHECKED = ("INVITE", "MESSAGE")
 
 
@@ -64,10 +68,18 @@ class Proxy:
         mode: str = "open",
         events: EventLog | None = None,
         timers: TimerConfig | None = None,
+        creds: Credentials | None = None,
+        ipsec: NodeIpsec | None = None,
     ) -> None:
         if mode not in ("open", "ipsec-m2ms"):
             raise ValueError(f"unknown proxy mode {mode!r} (expected open or ipsec-m2ms)")
+        if mode == "ipsec-m2ms" and (creds is None or ipsec is None):
+            raise ValueError("ipsec-m2ms mode needs credentials and an IPsec backend")
         self.config = config
+        self.creds, self.ipsec = creds, ipsec
+        self.secreg: SecRegServer | None = None
+        self.ep_s: SipEndpoint | None = None  # protected server port (terminals' requests)
+        self.ep_c: SipEndpoint | None = None  # protected client port (requests to terminals)
         self.listen, self.port, self.mode = listen, port, mode
         self.events = events or EventLog("proxy")
         self.timers = timers or TimerConfig()
@@ -78,20 +90,37 @@ class Proxy:
         self._tasks: set[asyncio.Future[None]] = set()
 
     # -- life cycle -------------------------------------------------------------------------
+    async def _endpoint(self, port: int, name: str) -> SipEndpoint:
+        ep = SipEndpoint(await UdpTransport.create(self.listen, port), self._handle,
+                         timers=self.timers, policy=PROXY_POLICY, auto_trying=False,
+                         answer_cancel=False, name=name)
+        ep.ack_handler = self._on_ack
+        ep.stray_response_handler = partial(self._on_stray_response, ep)
+        return ep
+
     async def start(self) -> None:
-        transport = await UdpTransport.create(self.listen, self.port)
-        self.endpoint = SipEndpoint(transport, self._handle, timers=self.timers,
-                                    policy=Policy(role="proxy"), auto_trying=False,
-                                    answer_cancel=False, name="proxy")
-        self.endpoint.ack_handler = self._on_ack
-        self.endpoint.stray_response_handler = self._on_stray_response
-        self.record_route = f"<sip:{self.listen}:{self.port};lr>"
-        self.events.emit("proxy-started", mode=self.mode, listen=f"{self.listen}:{self.port}")
+        self.endpoint = await self._endpoint(self.port, "proxy")
+        self.our_ports = {self.port}
+        rr_port = self.port
+        if self.mode == "ipsec-m2ms":
+            assert self.creds is not None and self.ipsec is not None
+            self.secreg = SecRegServer(self.ipsec, self.config, self.creds, self.listen,
+                                       self.events, pending_timeout=self.timers.f + 1.0)
+            self.ep_s = await self._endpoint(self.secreg.port_s, "proxy-s")
+            self.ep_c = await self._endpoint(self.secreg.port_c, "proxy-c")
+            self.our_ports |= {self.secreg.port_s, self.secreg.port_c}
+            rr_port = self.secreg.port_s
+        self.record_route = f"<sip:{self.listen}:{rr_port};lr>"
+        self.events.emit("proxy-started", mode=self.mode, listen=f"{self.listen}:{self.port}",
+                         ipsec=self.ipsec.backend_name if self.ipsec else None)
 
     async def close(self) -> None:
-        if self.endpoint is not None:
-            await self.endpoint.close()
-            self.endpoint = None
+        if self.secreg is not None:
+            self.secreg.close()
+        for ep in (self.endpoint, self.ep_s, self.ep_c):
+            if ep is not None:
+                await ep.close()
+        self.endpoint = self.ep_s = self.ep_c = None
 
     # -- requests ---------------------------------------------------------------------------
     async def _handle(self, tx: ServerTransaction) -> None:
@@ -102,6 +131,9 @@ class Proxy:
             return
         source = tx.source
         if source[0] not in self.trusted:
+            if self.secreg is not None and tx.owner is not self.ep_s:
+                self._drop(tx, "not on the protected port")
+                return
             aor = self.registrar.aor_at(source)
             if aor is None:
                 self._drop(tx, "unregistered source")
@@ -123,7 +155,8 @@ class Proxy:
 
     def _drop(self, tx: ServerTransaction, why: str) -> None:
         req = tx.request
-        self.counters["dropped-unregistered"] += 1
+        self.counters["dropped-unregistered" if why == "unregistered source"
+                      else "dropped-unprotected"] += 1
         log.info("dropped %s from %s:%d: %s", req.method, *tx.source, why)
         self.events.emit("dropped", why=why, method=req.method, call_id=req.call_id,
                          source=list(tx.source))
@@ -134,7 +167,7 @@ class Proxy:
         if routes:
             top = NameAddr.parse(routes[0]).uri
             if isinstance(top, SipUri) and top.host == self.listen and \
-                    (top.port or 5060) == self.port:
+                    (top.port or 5060) in self.our_ports:
                 req.pop_top("route")
 
     def _route(self, tx: ServerTransaction) -> Hop | None:
@@ -198,8 +231,11 @@ class Proxy:
         return None
 
     def _hop_to(self, binding: Binding) -> Hop:
-        assert self.endpoint is not None
-        return Hop(self.endpoint, uri_address(binding.contact.uri))
+        """Terminals are reached at their Contact; in ipsec-m2ms mode from our protected
+        client port, so the request rides the SA server port-c → client port-s."""
+        ep = self.ep_c if self.ep_c is not None else self.endpoint
+        assert ep is not None
+        return Hop(ep, uri_address(binding.contact.uri))
 
     async def _forward(self, tx: ServerTransaction, hop: Hop) -> None:
         req = tx.request
@@ -226,7 +262,7 @@ class Proxy:
             return
         self.counters[f"fwd-{req.method}"] += 1
         if req.method == "INVITE":
-            task = asyncio.ensure_future(self._relay_cancel(tx, ctx))
+            task = asyncio.ensure_future(self._relay_cancel(tx, hop.endpoint, ctx))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         try:
@@ -236,13 +272,13 @@ class Proxy:
             return
         tx.respond(self._upstream(resp))
 
-    async def _relay_cancel(self, tx: ServerTransaction, ctx: ClientTransaction) -> None:
+    async def _relay_cancel(self, tx: ServerTransaction, ep: SipEndpoint,
+                            ctx: ClientTransaction) -> None:
         cancelled = asyncio.ensure_future(tx.cancelled.wait())
         done = asyncio.ensure_future(ctx.final())
         await asyncio.wait({cancelled, done}, return_when=asyncio.FIRST_COMPLETED)
         if cancelled.done() and not done.done():
-            assert self.endpoint is not None
-            self.endpoint.cancel(ctx)
+            ep.cancel(ctx)
         for f in (cancelled, done):
             f.cancel()
 
@@ -262,24 +298,66 @@ class Proxy:
         binding = self._binding_for_contact(uri) if isinstance(uri, SipUri) else None
         if binding is None:
             return
-        assert self.endpoint is not None
-        fwd = req.copy()
-        self.endpoint.send_stateless(fwd, uri_address(binding.contact.uri))
+        hop = self._hop_to(binding)
+        hop.endpoint.send_stateless(req.copy(), hop.addr)
         self.counters["fwd-ACK"] += 1
 
-    def _on_stray_response(self, resp: Response, addr: Addr) -> None:
-        """A 2xx retransmission after our client transaction ended: pass it upstream."""
-        vias = resp.vias
-        if len(vias) < 2 or self.endpoint is None:
+    def _on_stray_response(self, ep: SipEndpoint, resp: Response, addr: Addr) -> None:
+        """A 2xx retransmission after our client transaction ended: pass it upstream, from
+        the endpoint the upstream side talks to (the protected server port if there is one)."""
+        if len(resp.vias) < 2:
             return
         up = self._upstream(resp)
         nxt = up.vias[0]
         host = nxt.received or nxt.sent_by[0]
         port = nxt.rport or nxt.sent_by[1]
-        self.endpoint.send_response(up, (host, port))
+        out = self.ep_s if self.ep_s is not None and host not in self.trusted else self.endpoint
+        if out is not None:
+            out.send_response(up, (host, port))
 
     # -- REGISTER ---------------------------------------------------------------------------
     def _register(self, tx: ServerTransaction) -> None:
+        if self.secreg is None:
+            self._bind(tx)
+            return
+        req, key = tx.request, tx.source
+        if tx.owner is not self.ep_s:  # unprotected: the start of Fig 1
+            if req.has("authorization") or req.has("security-verify"):
+                self.counters["register-unprotected-refused"] += 1
+                tx.reply(403, "Protected REGISTER must use the protected port")
+                return
+            self.secreg.challenge(tx)
+            return
+        if key in self.secreg.pending:  # Fig 1 step 4
+            pend = self.secreg.verify(tx)
+            if pend is None:
+                return
+            if self._bind(tx) == 200:
+                for old_key, old in self.secreg.promote(key, pend, time.time_ns()):
+                    self.registrar.remove_source(old_key)
+                    self.secreg.remove(old, "re-registration")
+            else:
+                self.secreg.discard_pending(pend)
+            return
+        if key in self.secreg.assocs:  # refresh or deregistration over the channel
+            self._bind(tx)
+            if not self._bound_from(key):
+                self.secreg.drop_assoc(key, "deregistered")  # after its 200 went out
+            return
+        self._drop(tx, "unregistered source")
+
+    def _bound_from(self, source: Addr) -> bool:
+        return any(b.source == source for bs in self.registrar.all_bindings().values()
+                   for b in bs)
+
+    def purge(self) -> None:
+        """Expired bindings go; so do the channels (SAs) no binding uses any more."""
+        for b in self.registrar.purge():
+            self.events.emit("expired", aor=b.aor, contact=str(b.contact.uri))
+            if self.secreg is not None and not self._bound_from(b.source):
+                self.secreg.drop_assoc(b.source, "registration expired")
+
+    def _bind(self, tx: ServerTransaction) -> int:
         req = tx.request
         outcome = self.registrar.register(req, tx.source)
         if outcome.status != 200:
@@ -287,7 +365,7 @@ class Proxy:
             self.events.emit("register-refused", status=outcome.status, reason=outcome.reason,
                              source=list(tx.source))
             tx.reply(outcome.status, outcome.reason)
-            return
+            return outcome.status
         now = time.monotonic()
         for b in outcome.added:
             self.events.emit("registered", aor=b.aor, contact=str(b.contact.uri),
@@ -298,6 +376,7 @@ class Proxy:
         contacts = [("Contact", f"<{b.contact.uri}>;expires={b.expires_in(now)}")
                     for b in outcome.bindings]
         tx.reply(200, headers=contacts)
+        return 200
 
     # -- status for the runner and the other servers ---------------------------------------
     def status(self) -> dict[str, Any]:
@@ -310,18 +389,35 @@ class Proxy:
                 for aor, bindings in self.registrar.all_bindings().items()
             },
             "counters": dict(self.counters),
+            "ipsec": self.ipsec.describe() if self.ipsec else None,
+            "channels": {f"{k[0]}:{k[1]}": a.terminal
+                         for k, a in (self.secreg.assocs.items() if self.secreg else [])},
+            "pending": len(self.secreg.pending) if self.secreg else 0,
         }
 
 
 async def run(args: argparse.Namespace) -> int:
     try:
         config = LabConfig.load(args.config)
+        creds = Credentials.load(args.credentials) if args.mode == "ipsec-m2ms" else None
     except ConfigError as exc:
         print(f"proxy: {exc}", file=sys.stderr)
         return 2
     events = EventLog("proxy", args.events)
     timers = TimerConfig(t1=args.t1, timer_d=64 * args.t1)
-    proxy = Proxy(config, args.listen, args.port, args.mode, events, timers)
+    ipsec = None
+    if args.mode == "ipsec-m2ms":
+        ipsec = NodeIpsec.create(args.ipsec, "proxy", args.esp_sa)
+    try:
+        return await _serve(args, config, creds, ipsec, events, timers)
+    finally:
+        if ipsec is not None:
+            ipsec.close()  # every SA and policy this proxy installed
+
+
+async def _serve(args: argparse.Namespace, config: LabConfig, creds: Credentials | None,
+                 ipsec: NodeIpsec | None, events: EventLog, timers: TimerConfig) -> int:
+    proxy = Proxy(config, args.listen, args.port, args.mode, events, timers, creds, ipsec)
     await proxy.start()
     control = None
     if args.control:
@@ -351,8 +447,7 @@ async def run(args: argparse.Namespace) -> int:
 async def _purge_loop(proxy: Proxy) -> None:
     while True:
         await asyncio.sleep(1.0)
-        for b in proxy.registrar.purge():
-            proxy.events.emit("expired", aor=b.aor, contact=str(b.contact.uri))
+        proxy.purge()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, help="IPv4 address to listen on")
     parser.add_argument("--port", type=int, default=5060)
     parser.add_argument("--mode", choices=("open", "ipsec-m2ms"), default="ipsec-m2ms")
+    parser.add_argument("--credentials", default="config/credentials.json",
+                        help="per-terminal PSKs (ipsec-m2ms mode)")
+    parser.add_argument("--ipsec", choices=("kernel", "userspace"), default="userspace",
+                        help="IPsec backend (the runner passes the probe's choice)")
+    parser.add_argument("--esp-sa", help="append installed SAs to this Wireshark esp_sa file")
     parser.add_argument("--events", help="JSON-lines event log (default stdout)")
     parser.add_argument("--control", help="Unix socket path for the control interface")
     parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")

@@ -24,17 +24,21 @@ import logging
 import signal
 import sys
 from collections import Counter
+from functools import partial
 from typing import Any
 
 from nodes.control import CommandError, ControlServer
 from nodes.events import EventLog
-from nodes.labconfig import ConfigError, LabConfig
+from nodes.ipsec.node import NodeIpsec
+from nodes.labconfig import ConfigError, Credentials, LabConfig
+from nodes.secreg import ClientChannel, RegistrationError, SecRegClient
 from nodes.sip.dialog import Dialog, UserAgent
-from nodes.sip.endpoint import new_tag
+from nodes.sip.endpoint import SipEndpoint, new_tag
 from nodes.sip.message import Request
 from nodes.sip.timers import TimerConfig
 from nodes.sip.transaction import ServerTransaction, TransactionTimeout
 from nodes.sip.transport import Addr, UdpTransport
+from nodes.sip.uri import SipUri
 
 log = logging.getLogger("terminal")
 
@@ -56,29 +60,47 @@ class Terminal:
         events: EventLog | None = None,
         timers: TimerConfig | None = None,
         media_port: int = 40000,
+        mode: str = "open",
+        psk: bytes | None = None,
+        ipsec: NodeIpsec | None = None,
     ) -> None:
         if config.terminal_of(name) is None:
             raise ValueError(f"terminal {name!r} is not in {config.source}")
+        if mode == "ipsec-m2ms" and (psk is None or ipsec is None):
+            raise ValueError("ipsec-m2ms mode needs a PSK and an IPsec backend")
+        self.mode, self.ipsec = mode, ipsec
+        self.channel: ClientChannel | None = None
         self.name, self.config = name, config
         self.aor = config.aor(name)
         self.local_ip, self.port, self.proxy = local_ip, port, proxy
         self.media_port = media_port
         self.events = events or EventLog(name)
         self.timers = timers or TimerConfig()
+        self.secreg = (SecRegClient(ipsec, config.aor(name), psk, local_ip, proxy[0],
+                                    self.events, self._make_endpoint)
+                       if ipsec is not None and psk is not None else None)
         self.counters: Counter[str] = Counter()
         self.ua: UserAgent | None = None
+        self.plain: SipEndpoint | None = None  # port 5060: where Fig 1 starts
         self.calls: dict[str, Dialog] = {}
         self.registered = False
         self._reg_call_id = f"reg-{new_tag()}@{local_ip}"
         self._reg_cseq = 0
         self.messages: list[dict[str, Any]] = []
 
+    def _make_endpoint(self, transport: UdpTransport) -> SipEndpoint:
+        """An endpoint of the protected channel, served by the same UA core."""
+        ep = SipEndpoint(transport, timers=self.timers, name=self.name)
+        if self.ua is not None:
+            ep.handler = self.ua._handle
+            ep.ack_handler = self.ua._on_ack
+        return ep
+
     async def start(self) -> None:
         transport = await UdpTransport.create(self.local_ip, self.port)
-        from nodes.sip.endpoint import SipEndpoint
-
         endpoint = SipEndpoint(transport, timers=self.timers, name=self.name)
         self.ua = UserAgent(endpoint, self.aor, on_request=self._on_request)
+        self.plain = endpoint
         self.events.emit("terminal-started", aor=self.aor, local=f"{self.local_ip}:{self.port}",
                          proxy=f"{self.proxy[0]}:{self.proxy[1]}")
 
@@ -86,20 +108,30 @@ class Terminal:
         if self.ua is not None:
             for dlg in list(self.calls.values()):
                 await self._bye(dlg)
-            await self.ua.endpoint.close()
+            if self.channel is not None and self.secreg is not None:
+                await self.secreg.close_channel(self.channel)
+                self.channel = None
+            if self.plain is not None:
+                await self.plain.close()
             self.ua = None
 
     # -- commands ---------------------------------------------------------------------------
+    def _build_register(self, expires: int, contact: Addr) -> Request:
+        self._reg_cseq += 1
+        user = self.aor.removeprefix("sip:").split("@")[0]
+        return Request("REGISTER", f"sip:{self.config.domain}", [
+            ("From", f"<{self.aor}>;tag={new_tag()}"), ("To", f"<{self.aor}>"),
+            ("Call-ID", self._reg_call_id), ("CSeq", f"{self._reg_cseq} REGISTER"),
+            ("Contact", f"<sip:{user}@{contact[0]}:{contact[1]}>"), ("Expires", str(expires)),
+        ])
+
     async def register(self, expires: int = 3600) -> dict[str, Any]:
         if not 0 <= expires <= 86400:
             raise CommandError(f"expires must be 0..86400, got {expires}")
         ua = self._ua()
-        self._reg_cseq += 1
-        req = Request("REGISTER", f"sip:{self.config.domain}", [
-            ("From", f"<{self.aor}>;tag={new_tag()}"), ("To", f"<{self.aor}>"),
-            ("Call-ID", self._reg_call_id), ("CSeq", f"{self._reg_cseq} REGISTER"),
-            ("Contact", f"<{ua.contact}>"), ("Expires", str(expires)),
-        ])
+        if self.secreg is not None:
+            return await self._register_secure(expires)
+        req = self._build_register(expires, ua.endpoint.advertised)
         self.events.emit("register-sent", expires=expires)
         try:
             resp = await ua.endpoint.request(req, self.proxy)
@@ -110,13 +142,55 @@ class Terminal:
         self.events.emit("register-done", status=resp.status, expires=expires)
         return {"status": resp.status, "reason": resp.reason}
 
+    async def _register_secure(self, expires: int) -> dict[str, Any]:
+        """Fig 1 (sec-agree with the PSK); a re-registration gets a fresh channel and the old
+        one's SAs go only once the new one has carried the 200."""
+        assert self.secreg is not None and self.ua is not None and self.plain is not None
+        old = self.channel
+        if expires == 0:
+            if old is None:
+                raise CommandError("not registered")
+            self.channel = None
+            self.registered = False
+            resp = await self.secreg.unregister(old, partial(self._build_register, 0))
+            self.ua.endpoint = self.plain
+            status = resp.status if resp is not None else None
+            self.events.emit("register-done", status=status, expires=0)
+            return {"status": status, "reason": resp.reason if resp else "no answer"}
+        in_use = {sa.spi for sa in old.saset.sas} if old else set()
+        try:
+            channel, resp = await self.secreg.register(
+                self.plain, partial(self._build_register, expires), expires, in_use)
+        except RegistrationError as exc:
+            self.events.emit("register-failed", error=str(exc))
+            raise CommandError(str(exc)) from None
+        self.channel = channel
+        self.ua.endpoint = channel.ep_c
+        user = self.aor.removeprefix("sip:").split("@")[0]
+        self.ua.contact = SipUri(self.local_ip, user, port=channel.ep_s.local_addr[1])
+        if old is not None:
+            await self.secreg.close_channel(old)
+        self.registered = True
+        self.events.emit("register-done", status=resp.status, expires=expires,
+                         port_c=channel.ep_c.local_addr[1], port_s=channel.ep_s.local_addr[1])
+        return {"status": resp.status, "reason": resp.reason,
+                "spis": sorted(sa.spi for sa in channel.saset.sas)}
+
+    def _proxy_hop(self) -> Addr:
+        if self.secreg is None:
+            return self.proxy
+        if self.channel is None:
+            raise CommandError("not registered: the proxy only talks over the protected channel")
+        return self.channel.proxy_hop
+
     async def unregister(self) -> dict[str, Any]:
         return await self.register(expires=0)
 
     async def call(self, to: str) -> dict[str, Any]:
         ua = self._ua()
         target = self._target(to)
-        tx = ua.start_invite(target, self.proxy, body=_offer(self.local_ip, self.media_port))
+        tx = ua.start_invite(target, self._proxy_hop(),
+                             body=_offer(self.local_ip, self.media_port))
         call_id = tx.request.call_id
         self.events.emit("call-started", call_id=call_id, to=target)
         try:
@@ -154,7 +228,7 @@ class Terminal:
         ua = self._ua()
         target = self._target(to)
         try:
-            resp = await ua.message(target, self.proxy, text.encode())
+            resp = await ua.message(target, self._proxy_hop(), text.encode())
         except TransactionTimeout:
             self.events.emit("message-failed", to=target, error="timeout")
             raise CommandError("message failed: no answer (Timer F)") from None
@@ -164,6 +238,8 @@ class Terminal:
     def status(self) -> dict[str, Any]:
         return {
             "name": self.name, "aor": self.aor, "registered": self.registered,
+            "mode": self.mode,
+            "ipsec": self.ipsec.describe() if self.ipsec else None,
             "calls": {cid: {"state": d.state.value, "peer": str(d.remote_uri.uri)}
                       for cid, d in self.calls.items()},
             "messages": self.messages[-20:],
@@ -212,13 +288,28 @@ class Terminal:
 async def run(args: argparse.Namespace) -> int:
     try:
         config = LabConfig.load(args.config)
+        psk = None
+        if args.mode == "ipsec-m2ms":
+            psk = Credentials.load(args.credentials).psk(args.name)
+            if psk is None:
+                raise ConfigError(f"{args.credentials}: no PSK for {args.name!r}")
     except ConfigError as exc:
         print(f"terminal: {exc}", file=sys.stderr)
         return 2
     events = EventLog(args.name, args.events)
     timers = TimerConfig(t1=args.t1, timer_d=64 * args.t1)
+    ipsec = NodeIpsec.create(args.ipsec, args.name, args.esp_sa) if psk is not None else None
+    try:
+        return await _serve(args, config, psk, ipsec, events, timers)
+    finally:
+        if ipsec is not None:
+            ipsec.close()  # every SA and policy this terminal installed
+
+
+async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
+                 ipsec: NodeIpsec | None, events: EventLog, timers: TimerConfig) -> int:
     term = Terminal(args.name, config, args.local, (args.proxy, args.proxy_port), args.port,
-                    events, timers)
+                    events, timers, mode=args.mode, psk=psk, ipsec=ipsec)
     await term.start()
     control = ControlServer(args.control, args.name) if args.control else None
     if control is not None:
@@ -259,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy", required=True, help="proxy IPv4 address")
     parser.add_argument("--proxy-port", type=int, default=5060)
     parser.add_argument("--mode", choices=("open", "ipsec-m2ms"), default="ipsec-m2ms")
+    parser.add_argument("--credentials", default="config/credentials.json",
+                        help="per-terminal PSKs (ipsec-m2ms mode)")
+    parser.add_argument("--ipsec", choices=("kernel", "userspace"), default="userspace",
+                        help="IPsec backend (the runner passes the probe's choice)")
+    parser.add_argument("--esp-sa", help="append installed SAs to this Wireshark esp_sa file")
     parser.add_argument("--events", help="JSON-lines event log (default stdout)")
     parser.add_argument("--control", help="Unix socket path for the control interface")
     parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")

@@ -88,7 +88,8 @@ class LabHost(Host):
             subnet = gw.rsplit(".", 1)[0] + ".0/24"
             self.cmd(f"ip route add {subnet} dev {intf} src {ip} table {table}")
             self.cmd(f"ip route add default via {gw} dev {intf} table {table}")
-            self.cmd(f"ip rule add from {ip} table {table} priority {table}")
+            # After the IPsec engines' fwmark rules (priority 100): those must win.
+            self.cmd(f"ip rule add from {ip} table {table} priority {1000 + table}")
         primary = next(iter(gateways), None)
         if primary is not None:
             self.cmd(f"ip route replace default via {gateways[primary]} dev {primary}")
