@@ -676,7 +676,9 @@ class XfrmSocket(NetlinkSocket):
         self.request(xfrm_dump_req(), XFRM_MSG_FLUSHPOLICY, REQ_UPDATE)
 
     def migrate(self, sel: dict[str, Any], direction: int, moves: list[dict[str, Any]]) -> None:
-        """XFRM_MSG_MIGRATE: rewrite the addresses of the SAs and templates of one policy."""
+        """XFRM_MSG_MIGRATE: move the SAs matching `moves` (old -> new addresses) of the
+        policy (`sel`, `direction`). Seen on Linux 6.1: template endpoints change only in
+        tunnel/BEET mode, and selectors never, so transport-mode moves need replacement."""
         msg = xfrm_migrate()
         msg["sel"] = sel
         msg["dir"] = direction

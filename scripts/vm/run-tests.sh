@@ -20,6 +20,8 @@ done
 
 run=.vm/run-$(date +%Y%m%d-%H%M%S)-$$
 mkdir -p "$run"
+# keep the last few runs only
+ls -1d .vm/run-* 2>/dev/null | sort | head -n -5 | xargs -r rm -rf --
 echo "smig-lab: booting $(basename "$kernel") under QEMU/TCG (virtme-ng); output in $run"
 start=$(date +%s)
 # /dev/kvm here is PVM and cannot boot a stock kernel: always TCG (DESIGN §4).

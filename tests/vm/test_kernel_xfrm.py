@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from vmnet import ENC_KEY, Capture, Pair, exchange, next_esp_frame, policies, sa, sh, sniff_esp
 
+from nodes.ipsec import xfrm as X
 from nodes.ipsec.api import IPsecError, SecurityAssociation
-from nodes.ipsec.kernel import KernelBackend, SaExpired
+from nodes.ipsec.kernel import KernelBackend, SaExpired, policy_message
 
 pytestmark = pytest.mark.vm
 
@@ -209,3 +210,22 @@ def test_nothing_left_after_sigterm_of_a_node(pair: Pair) -> None:
             proc.kill()
             proc.wait()
     assert pair.b.xfrm_state() == "" and pair.b.xfrm_policy() == ""
+
+
+def test_xfrm_migrate_moves_the_sa_not_a_transport_policy(pair: Pair) -> None:
+    """XFRM_MSG_MIGRATE (the optional optimisation), keyed by policy selector and direction,
+    moves the SA to new addresses (same SPI, keys, sequence number). The kernel rewrites
+    template endpoints only in tunnel/BEET mode and never a selector: in transport mode the
+    policy stays as it was, which is why move_sa() replaces SAs and policies instead."""
+    out = policies(A1, B1, PA, PB, 0x8008)[0]
+    with KernelBackend(pair.a.name) as ka, X.XfrmSocket(netns=pair.a.name) as sock:
+        ka.add_sa(sa(A1, B1, 0x8008, PA, PB, seq=5))
+        ka.add_policy(out)
+        move = {"old_daddr": B1, "old_saddr": A1, "new_daddr": B2, "new_saddr": A2,
+                "proto": 50, "mode": X.XFRM_MODE_TRANSPORT, "old_family": 2, "new_family": 2}
+        sock.migrate(policy_message(out)["sel"], X.XFRM_POLICY_OUT, [move])  # fmt: skip
+        assert ka.get_sa(B1, 0x8008) is None
+        moved = ka.get_sa(B2, 0x8008)
+        assert moved is not None and (moved.src, moved.seq, moved.enc_key) == (A2, 5, ENC_KEY)
+        assert f"tmpl src {A1} dst {B1}" in pair.a.xfrm_policy()  # transport: untouched
+        ka.delete_sa(B2, 0x8008)  # not one this instance installed under that address
