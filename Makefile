@@ -17,9 +17,10 @@ setup: ## install Debian packages, build .venv, start Open vSwitch (idempotent)
 setup-vm: ## also install what the kernel-path VM needs (QEMU, distribution kernel)
 	@bash scripts/setup.sh vm
 
-test: setup ## the whole test suite: lint, unit, Mininet lab tests
+test: setup ## the whole test suite: lint, unit, Mininet lab tests, kernel-path VM tests
 	$(PY) -m ruff check .
 	$(PYTEST) -m "not vm"
+	$(MAKE) --no-print-directory test-kernel
 
 test-unit: setup ## pure unit and in-process tests only (no root needed after setup)
 	$(PYTEST) -m "not lab and not vm"

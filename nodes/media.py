@@ -108,7 +108,10 @@ class _Sender:
                  log: EventLog | None = None, name: str = "tx", ssrc: int | None = None,
                  seq: int | None = None, timestamp: int | None = None,
                  max_frames: int | None = None, rtcp_interval: float = 5.0,
-                 log_packets: bool = False) -> None:
+                 log_packets: bool = False, sock: socket.socket | None = None) -> None:
+        """`sock`: send through this (symmetric RTP: the receiver's own RTP socket, so that
+        packets leave from the port the peer's IPsec policy names); it is not closed here,
+        and `local_ip` then picks the source address per packet (IP_PKTINFO), not a bind."""
         self.remote = check_address(remote)
         self.local_ip = _check_ip(local_ip or "0.0.0.0")
         if not 0 <= local_port < 65536:
@@ -125,9 +128,15 @@ class _Sender:
         self.rtcp_interval = rtcp_interval
         self.log_packets = log_packets
         self.packets = self.octets = self.frames = self.errors = 0
-        self._sock = _udp_socket((self.local_ip, local_port), f"{self.kind} sender")
+        self._shared = sock is not None
+        if sock is not None:
+            self._sock = sock
+            self.local_port = sock.getsockname()[1]
+        else:
+            self._sock = _udp_socket((self.local_ip, local_port), f"{self.kind} sender")
         self._task: asyncio.Task[None] | None = None
         self._marker_next = True  # first packet of a talkspurt
+        self._stopped = False
         self._failing = 0  # send errors since the last success
 
     # --- control ------------------------------------------------------------------------
@@ -149,9 +158,11 @@ class _Sender:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._sock.fileno() >= 0:
+        if self._sock.fileno() >= 0 and not self._stopped:
+            self._stopped = True
             state = self.state()
-            self._sock.close()
+            if not self._shared:
+                self._sock.close()
             self._emit("tx-stop", **state)
 
     def retarget(self, remote: Address, local_ip: str | None = None) -> None:
@@ -160,13 +171,16 @@ class _Sender:
         Takes effect between frames; SSRC, seq and timestamp continue. Bad input raises
         ValueError and leaves the sender as it was.
         """
-        if self._sock.fileno() < 0:
+        if self._sock.fileno() < 0 or self._stopped:
             raise ValueError(f"{self.name} is stopped: nothing to retarget")
         remote = check_address(remote)
         new_local = self.local_ip if local_ip is None else _check_ip(local_ip)
         old = {"remote": _fmt(self.remote), "local": self._local_text()}
         if new_local != self.local_ip:
-            self._sock, self.local_ip = self._rebind(new_local), new_local
+            if self._shared:
+                self.local_ip = new_local  # per-packet source address, same socket
+            else:
+                self._sock, self.local_ip = self._rebind(new_local), new_local
         self.remote = remote
         self._emit("retarget", old=old, remote=_fmt(remote), local=self._local_text(),
                    seq=self.seq, ts=self.timestamp)
@@ -232,7 +246,12 @@ class _Sender:
     def _send(self, payload: bytes, marker: bool) -> None:
         pkt = RtpPacket(self.payload_type, self.seq, self.timestamp, self.ssrc, payload, marker)
         try:
-            self._sock.sendto(pkt.serialize(), self.remote)
+            if self._shared and self.local_ip != "0.0.0.0":
+                info = struct.pack("I4s4s", 0, socket.inet_aton(self.local_ip), bytes(4))
+                self._sock.sendmsg([pkt.serialize()], [(socket.IPPROTO_IP, IP_PKTINFO, info)],
+                                   0, self.remote)
+            else:
+                self._sock.sendto(pkt.serialize(), self.remote)
         except OSError as exc:  # e.g. no route while a link is down: the seq still advances
             self.errors += 1
             if not self._failing:
@@ -255,6 +274,8 @@ class _Sender:
             self._sock.sendto(sr.serialize(), (self.remote[0], self.remote[1] + 1))
 
     def _local_text(self) -> str:
+        if self._shared:
+            return f"{self.local_ip}:{self.local_port}"
         try:
             return _fmt(self._sock.getsockname())
         except OSError:
@@ -419,6 +440,11 @@ class Receiver:
                 continue
             return sock, ctl
         raise ValueError(f"no free RTP/RTCP port pair on {ip}")
+
+    @property
+    def rtp_socket(self) -> socket.socket:
+        """The RTP socket, for a symmetric sender (`_Sender(sock=...)`)."""
+        return self._sock
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
