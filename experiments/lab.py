@@ -346,12 +346,17 @@ class Lab:
             *self._security_args(credentials)])
 
     def start_terminal(self, name: str, mode: str = "ipsec-m2ms", config: Path | None = None,
-                       t1: float = 0.1, credentials: Path | None = None) -> NodeControl:
+                       t1: float = 0.1, credentials: Path | None = None,
+                       media_once: bool = False) -> NodeControl:
+        assert self.run_dir is not None
+        media = self.run_dir / "media"
+        media.mkdir(exist_ok=True)
         primary = M2M_HOSTS[name][0][0]
         return self.start_node(name, "nodes.terminal", name, [
             "--name", name, "--local", address(name, primary),
             "--proxy", address("proxy", "core"), "--mode", mode, "--t1", str(t1),
             "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO",
+            "--media-dir", str(media), *(["--media-once"] if media_once else []),
             *self._security_args(credentials)])
 
     def start_probe(self, rate: float = 50.0) -> tuple[Path, Path]:

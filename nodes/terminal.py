@@ -25,12 +25,15 @@ import signal
 import sys
 from collections import Counter
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from nodes.control import CommandError, ControlServer
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import ConfigError, Credentials, LabConfig
+from nodes.mediakeys import Role
+from nodes.mediasession import MediaError, MediaSession
 from nodes.secreg import ClientChannel, RegistrationError, SecRegClient
 from nodes.sip.dialog import Dialog, UserAgent
 from nodes.sip.endpoint import SipEndpoint, new_tag
@@ -43,12 +46,6 @@ from nodes.sip.uri import SipUri
 log = logging.getLogger("terminal")
 
 
-def _offer(local_ip: str, port: int) -> bytes:
-    """A minimal audio SDP; media keys and real RTP come with the secure-call layer."""
-    return (f"v=0\r\no=- 1 1 IN IP4 {local_ip}\r\ns=smig\r\nc=IN IP4 {local_ip}\r\nt=0 0\r\n"
-            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()
-
-
 class Terminal:
     def __init__(
         self,
@@ -59,7 +56,8 @@ class Terminal:
         port: int = 5060,
         events: EventLog | None = None,
         timers: TimerConfig | None = None,
-        media_port: int = 40000,
+        media_dir: Path | None = None,
+        media_loop: bool = True,
         mode: str = "open",
         psk: bytes | None = None,
         ipsec: NodeIpsec | None = None,
@@ -73,7 +71,9 @@ class Terminal:
         self.name, self.config = name, config
         self.aor = config.aor(name)
         self.local_ip, self.port, self.proxy = local_ip, port, proxy
-        self.media_port = media_port
+        self.media_dir = media_dir  # received WAVs and per-packet media logs go here
+        self.media_loop = media_loop
+        self.media: dict[str, MediaSession] = {}  # call-id -> its secure data channel
         self.events = events or EventLog(name)
         self.timers = timers or TimerConfig()
         self.secreg = (SecRegClient(ipsec, config.aor(name), psk, local_ip, proxy[0],
@@ -100,6 +100,7 @@ class Terminal:
         transport = await UdpTransport.create(self.local_ip, self.port)
         endpoint = SipEndpoint(transport, timers=self.timers, name=self.name)
         self.ua = UserAgent(endpoint, self.aor, on_request=self._on_request)
+        self.ua.on_ack = self._on_ack
         self.plain = endpoint
         self.events.emit("terminal-started", aor=self.aor, local=f"{self.local_ip}:{self.port}",
                          proxy=f"{self.proxy[0]}:{self.proxy[1]}")
@@ -186,24 +187,53 @@ class Terminal:
     async def unregister(self) -> dict[str, Any]:
         return await self.register(expires=0)
 
-    async def call(self, to: str) -> dict[str, Any]:
+    def _media_session(self, role: Role, kind: str) -> MediaSession:
+        n = len(self.media) + 1
+        wav = self.media_dir / f"{self.name}-call{n}.wav" if self.media_dir else None
+        log = EventLog(self.name, str(self.media_dir / f"{self.name}-media.jsonl")) \
+            if self.media_dir else self.events
+        return MediaSession(role, self.local_ip, kind, log, self.ipsec, wav, self.media_loop,
+                            self._spis_in_use())
+
+    def _spis_in_use(self) -> set[int]:
+        spis = {sa.spi for sa in self.channel.saset.sas} if self.channel else set()
+        for m in self.media.values():
+            spis |= m.spis()
+        return spis
+
+    async def call(self, to: str, media: str = "audio") -> dict[str, Any]:
         ua = self._ua()
         target = self._target(to)
-        tx = ua.start_invite(target, self._proxy_hop(),
-                             body=_offer(self.local_ip, self.media_port))
-        call_id = tx.request.call_id
-        self.events.emit("call-started", call_id=call_id, to=target)
+        hop = self._proxy_hop()
+        try:
+            session = self._media_session(Role.OFFERER, media)
+        except MediaError as exc:
+            raise CommandError(str(exc)) from None
+        tx = ua.start_invite(target, hop, body=session.sdp())
+        call_id = tx.request.call_id or ""
+        self.events.emit("call-started", call_id=call_id, to=target, media=media)
         try:
             resp, dlg = await ua.complete_invite(tx)
         except TransactionTimeout:
+            await session.close("no answer")
             self.events.emit("call-failed", call_id=call_id, error="timeout")
             raise CommandError("call failed: no answer (Timer B)") from None
         if dlg is None:
+            await session.close(f"{resp.status}")
             self.events.emit("call-failed", call_id=call_id, status=resp.status)
             return {"call_id": call_id, "status": resp.status, "reason": resp.reason}
         self.calls[dlg.call_id] = dlg
+        try:
+            session.accept_remote(resp.body)
+        except MediaError as exc:
+            await session.close("bad answer")
+            await self._bye(dlg)
+            raise CommandError(f"call failed: {exc}") from None
+        self.media[call_id] = session
+        session.establish(call_id)  # Fig 2: the caller's dialog is confirmed by the 2xx
+        session.start_sending()
         self.events.emit("call-confirmed", call_id=call_id, peer=str(dlg.remote_uri.uri),
-                         role="caller")
+                         role="caller", media=media)
         return {"call_id": call_id, "status": resp.status, "reason": resp.reason}
 
     async def hangup(self, call_id: str) -> dict[str, Any]:
@@ -213,9 +243,15 @@ class Terminal:
         status = await self._bye(dlg)
         return {"call_id": call_id, "status": status}
 
+    async def _end_media(self, call_id: str, why: str) -> None:
+        session = self.media.pop(call_id, None)
+        if session is not None:
+            await session.close(why)
+
     async def _bye(self, dlg: Dialog) -> int | None:
         assert self.ua is not None
         self.calls.pop(dlg.call_id, None)
+        await self._end_media(dlg.call_id, "BYE")
         try:
             resp = await self.ua.request(dlg, "BYE")
             status: int | None = resp.status
@@ -240,7 +276,8 @@ class Terminal:
             "name": self.name, "aor": self.aor, "registered": self.registered,
             "mode": self.mode,
             "ipsec": self.ipsec.describe() if self.ipsec else None,
-            "calls": {cid: {"state": d.state.value, "peer": str(d.remote_uri.uri)}
+            "calls": {cid: {"state": d.state.value, "peer": str(d.remote_uri.uri),
+                            "media": self.media[cid].status() if cid in self.media else None}
                       for cid, d in self.calls.items()},
             "messages": self.messages[-20:],
             "counters": dict(self.counters),
@@ -249,17 +286,9 @@ class Terminal:
     # -- incoming ---------------------------------------------------------------------------
     async def _on_request(self, tx: ServerTransaction, dlg: Dialog | None) -> None:
         req = tx.request
-        ua = self._ua()
         self.counters[f"rx-{req.method}"] += 1
         if dlg is None and req.method == "INVITE":
-            self.events.emit("incoming-call", call_id=req.call_id,
-                             peer=str(req.from_.uri) if req.from_ else None)
-            new = ua.answer(tx, 200, body=_offer(self.local_ip, self.media_port),
-                            content_type="application/sdp")
-            if new is not None:
-                self.calls[new.call_id] = new
-                self.events.emit("call-confirmed", call_id=new.call_id,
-                                 peer=str(new.remote_uri.uri), role="callee")
+            await self._answer(tx)
         elif req.method == "MESSAGE":
             record = {"from": str(req.from_.uri) if req.from_ else None,
                       "text": req.body.decode(errors="replace"), "call_id": req.call_id}
@@ -268,9 +297,38 @@ class Terminal:
             tx.reply(200)
         elif req.method == "BYE" and dlg is not None:
             self.calls.pop(dlg.call_id, None)
+            await self._end_media(dlg.call_id, "BYE")
             self.events.emit("call-ended", call_id=dlg.call_id, by="remote")
         elif dlg is None:
             tx.reply(405 if req.method not in ("OPTIONS",) else 200)
+
+    async def _answer(self, tx: ServerTransaction) -> None:
+        """An incoming call: answer with our m2m-key; SAs and receiver before the 200 goes
+        out (the caller starts sending when it sees it), our sender once the ACK comes."""
+        req = tx.request
+        ua = self._ua()
+        call_id = req.call_id or ""
+        self.events.emit("incoming-call", call_id=call_id,
+                         peer=str(req.from_.uri) if req.from_ else None)
+        try:
+            session = self._media_session(Role.ANSWERER, MediaSession.offered_kind(req.body))
+            session.accept_remote(req.body)
+        except MediaError as exc:
+            self.events.emit("call-refused", call_id=call_id, status=488, why=str(exc))
+            tx.reply(488, "Not Acceptable Here")
+            return
+        session.establish(call_id)
+        self.media[call_id] = session
+        new = ua.answer(tx, 200, body=session.sdp(), content_type="application/sdp")
+        if new is not None:
+            self.calls[new.call_id] = new
+            self.events.emit("call-confirmed", call_id=new.call_id,
+                             peer=str(new.remote_uri.uri), role="callee", media=session.kind)
+
+    def _on_ack(self, dlg: Dialog) -> None:
+        session = self.media.get(dlg.call_id)
+        if session is not None and session.sender is None:
+            session.start_sending()
 
     # -- helpers ----------------------------------------------------------------------------
     def _ua(self) -> UserAgent:
@@ -309,14 +367,16 @@ async def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
                  ipsec: NodeIpsec | None, events: EventLog, timers: TimerConfig) -> int:
     term = Terminal(args.name, config, args.local, (args.proxy, args.proxy_port), args.port,
-                    events, timers, mode=args.mode, psk=psk, ipsec=ipsec)
+                    events, timers, Path(args.media_dir) if args.media_dir else None,
+                    not args.media_once, mode=args.mode, psk=psk, ipsec=ipsec)
     await term.start()
     control = ControlServer(args.control, args.name) if args.control else None
     if control is not None:
         control.command("register", term.register, optional={"expires": int},
                         help="REGISTER with the proxy")
         control.command("unregister", term.unregister, help="REGISTER with Expires: 0")
-        control.command("call", term.call, required={"to": str}, help="INVITE a terminal")
+        control.command("call", term.call, required={"to": str}, optional={"media": str},
+                        help="INVITE a terminal (media: audio or video)")
         control.command("hangup", term.hangup, required={"call_id": str}, help="BYE")
         control.command("message", term.message, required={"to": str, "text": str},
                         help="MESSAGE a terminal")
@@ -358,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", help="JSON-lines event log (default stdout)")
     parser.add_argument("--control", help="Unix socket path for the control interface")
     parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")
+    parser.add_argument("--media-dir", help="where received WAVs and media packet logs go")
+    parser.add_argument("--media-once", action="store_true",
+                        help="play the speech sample once per call instead of looping it")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),

@@ -180,6 +180,7 @@ class UserAgent:
         user = self.aor.uri.user if isinstance(self.aor.uri, SipUri) else None
         self.contact = SipUri(host, user, port=port)
         self.on_request = on_request
+        self.on_ack: Callable[[Dialog], None] | None = None  # ACK of our 2xx: UAS confirmed
         self.dialogs: dict[tuple[str, str, str], Dialog] = {}
         endpoint.handler = self._handle
         endpoint.ack_handler = self._on_ack
@@ -322,3 +323,5 @@ class UserAgent:
         dlg = self.dialogs.get((req.call_id, to.tag or "", frm.tag or ""))
         if dlg is not None:
             dlg.receive_request(req)
+            if self.on_ack is not None:
+                self.on_ack(dlg)
