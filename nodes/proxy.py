@@ -131,12 +131,12 @@ class Proxy:
             return
         source = tx.source
         if source[0] not in self.trusted:
-            if self.secreg is not None and tx.owner is not self.ep_s:
-                self._drop(tx, "not on the protected port")
-                return
             aor = self.registrar.aor_at(source)
             if aor is None:
                 self._drop(tx, "unregistered source")
+                return
+            if self.secreg is not None and tx.owner is not self.ep_s:
+                self._drop(tx, "not on the protected port")
                 return
             frm = req.from_
             if frm is None or not isinstance(frm.uri, SipUri) or frm.uri.aor() != aor:

@@ -1,0 +1,225 @@
+"""Secure signalling (Fig 1) and secure calls (Fig 2) end to end in Mininet, on the IPsec
+backend the capability probe selects.
+
+Config for this module: alice (a1), bob (b1, b2), carol (a2); alice and bob are friends.
+Misbehaving clients run from host b2 (tests/lab/secattack.py), where no terminal runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from experiments.control import NodeControl, NodeError
+from experiments.lab import DEFAULT_CREDENTIALS, PROJECT, Lab, python, wait_until
+from experiments.pcaps import tshark_fields
+from nodes.ipsec.esp_sa import tshark_args
+from nodes.speech import load_pcm
+from tests.lab.test_sip_lab import CONFIG
+from topologies.m2m import address
+
+pytestmark = pytest.mark.lab
+
+PROXY = address("proxy", "core")
+A1, B1, A2 = address("a1", "wlan"), address("b1", "netb"), address("a2", "wlan")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab(name="test-secure") as lab:
+        assert lab.run_dir is not None
+        config = lab.run_dir / "lab.json"
+        config.write_text(json.dumps(CONFIG))
+        lab.start_proxy(config=config)
+        for name in ("a1", "b1", "a2"):
+            lab.start_terminal(name, config=config, media_once=True)
+        yield lab
+
+
+def samples(wav: Path) -> int:
+    return len(load_pcm(wav)) // 2  # 16-bit mono
+
+
+def node(lab: Lab, name: str) -> NodeControl:
+    return lab.nodes[name]
+
+
+def sas_between(status: dict, ip: str) -> list[dict]:
+    return [sa for sa in status["ipsec"]["sas"] if ip in (sa["src"], sa["dst"])]
+
+
+@pytest.fixture(scope="module")
+def registered(lab: Lab) -> None:
+    for name in ("a1", "b1"):
+        assert node(lab, name)("register")["status"] == 200
+
+
+def test_registration_installs_four_sas_each_side(lab: Lab, registered: None) -> None:
+    proxy = node(lab, "proxy")("status")
+    for name, ip in (("a1", A1), ("b1", B1)):
+        mine = node(lab, name)("status")["ipsec"]
+        assert len(mine["sas"]) == 4, mine
+        assert len(mine["policies"]) == 4
+        assert len(sas_between(proxy, ip)) == 4
+        assert {sa["spi"] for sa in mine["sas"]} == {sa["spi"] for sa in sas_between(proxy, ip)}
+
+
+def test_sip_on_the_wire_is_esp_only_after_registration(lab: Lab, registered: None) -> None:
+    assert node(lab, "a1")("message", to="b1", text="over ESP")["status"] == 200
+    pcap = lab.pcaps["a1-wlan"]
+    flt = f"ip.addr=={PROXY} && ip.addr=={A1}"
+    wait_until(lambda: tshark_fields(pcap, f"{flt} && esp", ["esp.spi"]), 10, "ESP in the capture")
+    # Only Fig 1's first REGISTER and its 401 are plaintext, on port 5060; nothing else.
+    plain = tshark_fields(pcap, f"{flt} && udp", ["udp.srcport", "udp.dstport", "sip.Method",
+                                                  "sip.Status-Code"])
+    assert plain, "the unprotected REGISTER/401 exchange should be visible"
+    assert all("5060" in (row[0], row[1]) for row in plain), plain
+    assert all(row[2] == "REGISTER" or row[3] == "401" for row in plain), plain
+    # With the run's esp_sa file the ESP decrypts to SIP.
+    assert lab.run_dir is not None
+    rows = tshark_fields(pcap, f"{flt} && esp && sip", ["sip.CSeq.method"],
+                         tshark_args(lab.run_dir / "esp_sa"))
+    assert any("MESSAGE" in r[0] for r in rows), rows
+
+
+def test_secure_call_media_in_esp_and_wav_length(lab: Lab, registered: None) -> None:
+    a1, b1 = node(lab, "a1"), node(lab, "b1")
+    call = a1("call", to="b1")
+    assert call["status"] == 200
+    cid = call["call_id"]
+    media = a1("status")["calls"][cid]["media"]
+    frames = samples(PROJECT / "media" / "speech_8k.wav") // 160
+    wait_until(lambda: (a1("status")["calls"][cid]["media"]["tx"] or {}).get("frames") == frames,
+               40, "a1 to send the whole sample")
+    wait_until(lambda: b1("status")["calls"][cid]["media"]["tx"]["frames"] == frames, 40,
+               "b1 to send the whole sample")
+    time.sleep(0.5)
+    b1_media = b1("status")["calls"][cid]["media"]
+    assert a1("hangup", call_id=cid)["status"] == 200
+    # RTP on the wire between a1 and b1: ESP only.
+    pcap = lab.pcaps["b1-netb"]
+    between = f"ip.addr=={A1} && ip.addr=={B1}"
+    assert tshark_fields(pcap, f"{between} && udp", ["udp.srcport"]) == []
+    esp = tshark_fields(pcap, f"{between} && esp && ip.src=={A1}", ["esp.spi"])
+    assert {int(r[0], 16) for r in esp} == {media["spi_out"]}
+    # Decrypted with the run's esp_sa file: RTP with consecutive sequence numbers.
+    assert lab.run_dir is not None
+    port = int(b1_media["local"].split(":")[1])
+    seqs = [int(r[0]) for r in tshark_fields(
+        pcap, f"rtp && ip.src=={A1}", ["rtp.seq"],
+        [*tshark_args(lab.run_dir / "esp_sa"), "-d", f"udp.port=={port},rtp"])]
+    assert len(seqs) == frames
+    assert all((b - a) % 65536 == 1 for a, b in itertools.pairwise(seqs))
+    # The received speech has the sample's length within one frame.
+    wav = lab.run_dir / "media" / "b1-call1.wav"
+    assert abs(samples(wav) - frames * 160) <= 160
+
+
+def test_no_media_sa_after_bye(lab: Lab, registered: None) -> None:
+    call = node(lab, "a1")("call", to="b1")
+    cid = call["call_id"]
+    for name in ("a1", "b1"):
+        wait_until(lambda n=name: len(node(lab, n)("status")["ipsec"]["sas"]) == 6, 10,
+                   f"{name}'s media SAs")
+    node(lab, "b1")("hangup", call_id=cid)  # the callee hangs up this time
+    for name in ("a1", "b1"):
+        wait_until(lambda n=name: len(node(lab, n)("status")["ipsec"]["sas"]) == 4, 10,
+                   f"{name}'s media SAs to go")
+
+
+def test_wrong_psk_fails_and_leaves_nothing(lab: Lab) -> None:
+    proxy = node(lab, "proxy")
+    before = proxy("status")["ipsec"]["counters"]["integrity_failed"]
+    result = _attack(lab, "b2", "b2", "wrongpsk")
+    assert result["register"] == ("registration failed: no answer on the protected channel "
+                                  "— wrong PSK?"), result
+    assert result["sas_left"] == 0
+    assert proxy("status")["ipsec"]["counters"]["integrity_failed"] > before
+    wait_until(lambda: sas_between(proxy("status"), address("b2", "netb")) == [] and
+               proxy("status")["pending"] == 0, 20, "the proxy to drop b2's pending SAs")
+    assert "sip:b2@m2m.example" not in proxy("status")["registrations"]
+
+
+def _attack(lab: Lab, host: str, name: str, attack: str) -> dict:
+    assert lab.caps is not None
+    out = lab.host(host).cmd(
+        f"cd {PROJECT} && PYTHONPATH={PROJECT} {python()} tests/lab/secattack.py "
+        f"--name {name} --local {address(host, 'netb' if host.startswith('b') else 'wlan')} "
+        f"--proxy {PROXY} --ipsec {lab.caps.ipsec_backend} "
+        f"--credentials {DEFAULT_CREDENTIALS} {attack}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("attack", "expect"),
+    [
+        ("malformed", {"status": 400}),
+        ("nomech", {"status": 494}),
+        ("downgrade", {"register": "registration refused: 494 Security-Verify mismatch"}),
+    ],
+)
+def test_registration_refusals_leave_no_sa(lab: Lab, attack: str, expect: dict) -> None:
+    result = _attack(lab, "b2", "b2", attack)
+    for key, value in expect.items():
+        assert result[key] == value, result
+    assert result["sas_left"] == 0
+    proxy = node(lab, "proxy")
+    wait_until(lambda: sas_between(proxy("status"), address("b2", "netb")) == [], 10,
+               "no proxy SA for b2")
+    assert "sip:b2@m2m.example" not in proxy("status")["registrations"]
+
+
+def test_spoofed_from_over_the_channel_is_403(lab: Lab, registered: None) -> None:
+    result = _attack(lab, "b2", "b2", "spoof")
+    assert (result["register"], result["status"]) == (200, 403), result
+    assert result["sas_while_registered"] == 4 and result["sas_left"] == 0
+
+
+def test_plaintext_after_registration_is_discarded(lab: Lab, registered: None) -> None:
+    before = node(lab, "proxy")("status")["counters"].get("dropped-unprotected", 0)
+    result = _attack(lab, "b2", "b2", "plain")
+    assert (result["register"], result["status"]) == (200, 0), result
+    assert node(lab, "proxy")("status")["counters"]["dropped-unprotected"] == before + 1
+
+
+def test_unregistered_invite_gets_no_answer(lab: Lab, registered: None) -> None:
+    with pytest.raises(NodeError, match="not registered"):  # a UA that knows it is not
+        node(lab, "a2")("call", to="b1")
+    before = node(lab, "proxy")("status")["counters"].get("dropped-unregistered", 0)
+    out = lab.host("b2").cmd(
+        f"cd {PROJECT} && PYTHONPATH={PROJECT} {python()} tests/lab/sipsend.py "
+        f"--local {address('b2', 'netb')} --proxy {PROXY} --as b2 INVITE:b1")
+    assert [r["status"] for r in json.loads(out.strip().splitlines()[-1])] == [0]
+    assert node(lab, "proxy")("status")["counters"]["dropped-unregistered"] == before + 1
+    assert len(node(lab, "b1")("status")["ipsec"]["sas"]) == 4  # no media SA was made
+
+
+def test_non_friend_call_is_403(lab: Lab, registered: None) -> None:
+    a2 = node(lab, "a2")
+    assert a2("register")["status"] == 200
+    try:
+        assert a2("call", to="b1")["status"] == 403  # carol and bob are not friends
+        assert node(lab, "a1")("call", to="a2")["status"] == 403
+        for name in ("a1", "b1", "a2"):
+            assert len(node(lab, name)("status")["ipsec"]["sas"]) == 4  # no media SA
+    finally:
+        a2("unregister")
+    assert a2("status")["ipsec"]["sas"] == []
+    wait_until(lambda: sas_between(node(lab, "proxy")("status"), A2) == [], 10,
+               "the proxy to remove a2's SAs after deregistration")
+
+
+def test_esp_sa_file_has_no_keys_in_logs(lab: Lab) -> None:
+    assert lab.run_dir is not None
+    keys = {row.split(",")[5].strip('"') for row in
+            (lab.run_dir / "esp_sa").read_text().splitlines()} - {""}
+    assert keys
+    for log in Path(lab.run_dir, "logs").glob("*.log"):
+        text = log.read_text(errors="replace")
+        leaked = [k for k in keys if k.removeprefix("0x") in text]
+        assert not leaked, f"{log.name} contains SA keys"
