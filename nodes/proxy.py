@@ -222,13 +222,7 @@ class Proxy:
         return False
 
     def _binding_for_contact(self, uri: SipUri) -> Binding | None:
-        for bindings in self.registrar.all_bindings().values():
-            for b in bindings:
-                c = b.contact.uri
-                if isinstance(c, SipUri) and c.host == uri.host and \
-                        (c.port or 5060) == (uri.port or 5060):
-                    return b
-        return None
+        return self.registrar.binding_for_contact(uri.host, uri.port or 5060)
 
     def _hop_to(self, binding: Binding) -> Hop:
         """Terminals are reached at their Contact; in ipsec-m2ms mode from our protected
@@ -347,8 +341,7 @@ class Proxy:
         self._drop(tx, "unregistered source")
 
     def _bound_from(self, source: Addr) -> bool:
-        return any(b.source == source for bs in self.registrar.all_bindings().values()
-                   for b in bs)
+        return self.registrar.bound_from(source)
 
     def purge(self) -> None:
         """Expired bindings go; so do the channels (SAs) no binding uses any more."""

@@ -8,8 +8,10 @@ rule that requests from unregistered sources are dropped (DESIGN §1, Fig 1).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nodes.sip.headers import STAR, NameAddr
 from nodes.sip.message import Request
@@ -51,23 +53,51 @@ class Registrar:
         self._known_aor = known_aor
         self._clock = clock
         self._bindings: dict[str, list[Binding]] = {}
+        # Indexes for the proxy's per-request look-ups (source of a request, target of an
+        # in-dialog request): key -> {aor: number of that AOR's bindings with this key}.
+        # Kept by _store(), the only place that changes _bindings.
+        self._by_source: dict[Source, dict[str, int]] = {}
+        self._by_contact: dict[tuple[str, int], dict[str, int]] = {}
+
+    def _store(self, aor: str, bindings: list[Binding]) -> None:
+        """Sets an AOR's bindings (none: forget it) and keeps the indexes in step."""
+        old = self._bindings.get(aor, ())
+        _reindex(self._by_source, aor, [b.source for b in old], [b.source for b in bindings])
+        _reindex(self._by_contact, aor, [_contact_key(b) for b in old],
+                 [_contact_key(b) for b in bindings])
+        if bindings:
+            self._bindings[aor] = bindings
+        else:
+            self._bindings.pop(aor, None)
 
     # -- queries ----------------------------------------------------------------------------
     def bindings(self, aor: str) -> list[Binding]:
         now = self._clock()
-        live = [b for b in self._bindings.get(aor, []) if b.expires_at > now]
-        if live:
-            self._bindings[aor] = live
-        else:
-            self._bindings.pop(aor, None)
+        current = self._bindings.get(aor, [])
+        live = [b for b in current if b.expires_at > now]
+        if len(live) != len(current):
+            self._store(aor, live)
         return list(live)
 
     def aor_at(self, source: Source) -> str | None:
         """The AOR registered from exactly this (ip, port), if any."""
         now = self._clock()
-        for aor, bindings in self._bindings.items():
-            if any(b.source == source and b.expires_at > now for b in bindings):
+        for aor in self._by_source.get(source, ()):
+            if any(b.source == source and b.expires_at > now for b in self._bindings[aor]):
                 return aor
+        return None
+
+    def bound_from(self, source: Source) -> bool:
+        """Whether any live binding was registered from this (ip, port)."""
+        return self.aor_at(source) is not None
+
+    def binding_for_contact(self, host: str, port: int) -> Binding | None:
+        """A live binding whose Contact is host:port (the target of an in-dialog request)."""
+        now = self._clock()
+        for aor in self._by_contact.get((host, port), ()):
+            for b in self._bindings[aor]:
+                if _contact_key(b) == (host, port) and b.expires_at > now:
+                    return b
         return None
 
     def all_bindings(self) -> dict[str, list[Binding]]:
@@ -79,11 +109,9 @@ class Registrar:
         gone: list[Binding] = []
         for aor in list(self._bindings):
             keep = [b for b in self._bindings[aor] if b.expires_at > now]
-            gone += [b for b in self._bindings[aor] if b.expires_at <= now]
-            if keep:
-                self._bindings[aor] = keep
-            else:
-                del self._bindings[aor]
+            if len(keep) != len(self._bindings[aor]):
+                gone += [b for b in self._bindings[aor] if b.expires_at <= now]
+                self._store(aor, keep)
         return gone
 
     # -- REGISTER ---------------------------------------------------------------------------
@@ -108,7 +136,7 @@ class Registrar:
                 return RegisterOutcome(400, "Contact * needs Expires: 0 and no other Contact")
             if any(b.call_id == call_id and b.cseq >= cseq for b in current):
                 return RegisterOutcome(500, "CSeq out of order")
-            self._bindings.pop(aor, None)
+            self._store(aor, [])
             return RegisterOutcome(200, "OK", [], [], current)
         assert isinstance(contacts, list)
         # Validate everything before changing anything.
@@ -122,41 +150,58 @@ class Registrar:
                 return RegisterOutcome(400, f"Expires {expires} out of range 0..{MAX_EXPIRES}")
             plan.append((contact, expires))
         for contact, _ in plan:
-            for b in current:
-                if _same_contact(b.contact, contact) and b.call_id == call_id and b.cseq >= cseq:
+            for b in current:  # the cheap comparisons first: URI equivalence is not
+                if b.call_id == call_id and b.cseq >= cseq and _same_contact(b.contact, contact):
                     return RegisterOutcome(500, "CSeq out of order")
         now = self._clock()
         added: list[Binding] = []
         removed: list[Binding] = []
         for contact, expires in plan:
             old = [b for b in current if _same_contact(b.contact, contact)]
-            current = [b for b in current if not _same_contact(b.contact, contact)]
-            removed += old
+            if old:
+                current = [b for b in current if not any(b is o for o in old)]
+                removed += old
             if expires > 0:
                 new = Binding(aor, contact, source, call_id, cseq, now + expires, time.time_ns())
                 current.append(new)
                 added.append(new)
-        if current:
-            self._bindings[aor] = current
-        else:
-            self._bindings.pop(aor, None)
-        # A refreshed binding is both removed and added: report it as added only.
-        removed = [b for b in removed if not any(_same_contact(b.contact, a.contact)
-                                                 for a in added)]
+        self._store(aor, current)
+        if removed and added:  # a refreshed binding is both: report it as added only
+            removed = [b for b in removed if not any(_same_contact(b.contact, a.contact)
+                                                     for a in added)]
         return RegisterOutcome(200, "OK", list(current), added, removed)
 
     def remove_source(self, source: Source) -> list[Binding]:
         """Forget every binding registered from `source` (e.g. its SAs were torn down)."""
         gone: list[Binding] = []
-        for aor in list(self._bindings):
+        for aor in list(self._by_source.get(source, ())):
             keep = [b for b in self._bindings[aor] if b.source != source]
             gone += [b for b in self._bindings[aor] if b.source == source]
-            if keep:
-                self._bindings[aor] = keep
-            else:
-                del self._bindings[aor]
+            self._store(aor, keep)
         return gone
 
 
 def _same_contact(a: NameAddr, b: NameAddr) -> bool:
     return bool(a.uri.equivalent(b.uri))
+
+
+def _contact_key(b: Binding) -> tuple[str, int]:
+    """Contact host and port as the proxy matches a Request-URI (port 5060 by default)."""
+    uri = b.contact.uri
+    if isinstance(uri, SipUri):
+        return uri.host, uri.port or 5060
+    return str(uri), 0
+
+
+def _reindex(index: dict[Any, dict[str, int]], aor: str, old: list[Any],
+             new: list[Any]) -> None:
+    """Moves `aor` in `index` from the keys `old` to the keys `new`. A key kept keeps its
+    place, so aor_at() answers as a scan of the bindings in registration order would."""
+    counts = Counter(new)
+    for key in set(old) - counts.keys():
+        entry = index[key]
+        del entry[aor]
+        if not entry:
+            del index[key]
+    for key, n in counts.items():
+        index.setdefault(key, {})[aor] = n

@@ -187,8 +187,7 @@ class SipEndpoint:
         if "rport" in via.params and via.params.get("rport") is None:
             new = new.with_param("rport", str(addr[1]))
         if new is not via:
-            req.pop_top("via")
-            req.add("Via", new, top=True)
+            req.replace_top("via", new)
         return new
 
     def _on_request(self, req: Request, addr: Addr) -> None:

@@ -190,6 +190,32 @@ class Message:
                 return parts[0]
         return None
 
+    def replace_top(self, name: str, value: object) -> None:
+        """Replaces the first value of a list header (e.g. the top Via) where it stands.
+
+        Unlike pop_top() + add(), the parse cache survives: only this header's typed value
+        changes, to `value` itself when it is already parsed (a Via, a NameAddr). Every
+        request an endpoint receives gets its top Via stamped (received/rport), so nothing
+        parsed before the stamp is parsed again after it.
+        """
+        key = header_key(name)
+        for i, h in enumerate(self.headers):
+            if h.key == key:
+                parts = split_commas(h.value)
+                text = str(value)
+                new = HeaderField(h.name, text) if len(parts) == 1 else \
+                    HeaderField(h.name, ", ".join([text, *parts[1:]]))
+                self.headers[i] = new
+                idx = self._cache.get("\0index")
+                if idx is not None:
+                    same = idx[key]
+                    same[same.index(h)] = new
+                typed = self._cache.pop(key, None)
+                if isinstance(typed, list) and typed and not isinstance(value, str):
+                    self._cache[key] = [value, *typed[1:]]
+                return
+        raise ValueError(f"no {name} header field to replace")
+
     # ---- typed access (parsed lazily, cached) -----------------------------
     def _typed(self, key: str, parse: Any, single: bool = True) -> Any:
         try:

@@ -75,8 +75,18 @@ class Transaction:
         self.cfg = timers
         self.state: Any = state
         self.timers: dict[str, Timer] = {}
-        self.terminated = asyncio.Event()
+        # Events are made on first use: most transactions are never awaited, and a proxy
+        # keeps thousands alive for 64*T1 (fewer objects for the garbage collector).
+        self._terminated: asyncio.Event | None = None
         log.debug("%s %s: created in %s", self.kind, self.key[0], state.value)
+
+    @property
+    def terminated(self) -> asyncio.Event:
+        if self._terminated is None:
+            self._terminated = asyncio.Event()
+            if self.state.name == "TERMINATED":
+                self._terminated.set()
+        return self._terminated
 
     def _timer(self, name: str) -> Timer:
         t = self.timers.get(name)
@@ -103,7 +113,8 @@ class Transaction:
             for t in self.timers.values():
                 t.cancel()
             self.owner._forget(self)
-            self.terminated.set()
+            if self._terminated is not None:
+                self._terminated.set()
 
     def _send(self, msg: Request | Response, addr: Addr | None = None) -> bool:
         try:
@@ -261,10 +272,24 @@ class ServerTransaction(Transaction):
         self.source = addr
         self.response_addr = response_addr
         self.last_response: Response | None = None
-        self.cancelled = asyncio.Event()
-        self.acked = asyncio.Event()
+        self._cancelled: asyncio.Event | None = None
+        self._acked: asyncio.Event | None = None
         self.retransmit_2xx = True  # UAS core duty; a proxy turns it off
         self.local_tag: str | None = None
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when a CANCEL for this INVITE arrived."""
+        if self._cancelled is None:
+            self._cancelled = asyncio.Event()
+        return self._cancelled
+
+    @property
+    def acked(self) -> asyncio.Event:
+        """Set when the ACK for our 2xx arrived."""
+        if self._acked is None:
+            self._acked = asyncio.Event()
+        return self._acked
 
     @property
     def final_sent(self) -> bool:
@@ -342,7 +367,7 @@ class ServerTransaction(Transaction):
             log.info("%s %s: Timer H fired, no ACK", self.kind, self.key[0])
             self._set_state(ServerInviteState.TERMINATED)
         elif name == "L":
-            if not self.acked.is_set():
+            if self._acked is None or not self._acked.is_set():
                 log.info("%s %s: 2xx never acknowledged", self.kind, self.key[0])
             self._set_state(ServerInviteState.TERMINATED)
         elif name in ("I", "J"):

@@ -139,6 +139,8 @@ class SipUri:
         """RFC 3261 §19.1.4 URI comparison."""
         if not isinstance(other, SipUri):
             return False
+        if self._raw is not None and self._raw == other._raw:
+            return True  # the same text parses to the same URI (a refresh's Contact)
         if self.scheme.lower() != other.scheme.lower():
             return False
         if (self.user_unescaped, unescape(self.password or "")) != (

@@ -1,0 +1,83 @@
+"""The stack's performance short cuts behave like the long ways: top-Via replacement keeps
+the parse cache consistent, URI equivalence of identical text, transactions' lazy events."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nodes.sip.endpoint import SipEndpoint
+from nodes.sip.message import Request, parse_message
+from nodes.sip.timers import TimerConfig
+from nodes.sip.transport import MemoryNetwork
+from nodes.sip.uri import SipUri
+
+pytestmark = pytest.mark.timeout(10)
+
+INVITE = (
+    b"INVITE sip:b1@m2m.example SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 10.0.0.10:5060;branch=z9hG4bKp1, SIP/2.0/UDP 10.0.1.10;branch=z9hG4bKa\r\n"
+    b"Via: SIP/2.0/UDP 10.0.9.9;branch=z9hG4bKz\r\n"
+    b"From: <sip:a1@m2m.example>;tag=x\r\nTo: <sip:b1@m2m.example>\r\n"
+    b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+def test_replace_top_keeps_cache_and_rest_of_list() -> None:
+    msg = parse_message(INVITE)
+    vias = msg.vias  # parsed and cached before the change
+    frm = msg.from_
+    new = vias[0].with_param("received", "10.0.0.99")
+    msg.replace_top("via", new)
+    assert msg.vias[0] is new and msg.vias[1:] == vias[1:] and len(msg.vias) == 3
+    assert msg.from_ is frm  # nothing else was re-parsed
+    assert msg.values("via")[0] == str(new) and msg.count("via") == 2
+    again = parse_message(msg.serialize())  # the octets say the same as the cache
+    assert [str(v) for v in again.vias] == [str(v) for v in msg.vias]
+    assert again.vias[0].received == "10.0.0.99"
+
+
+def test_replace_top_with_text_and_missing_header() -> None:
+    req = Request("OPTIONS", "sip:b1@m2m.example", [("Via", "SIP/2.0/UDP h;branch=z9hG4bK1")])
+    _ = req.vias
+    req.replace_top("Via", "SIP/2.0/UDP k;branch=z9hG4bK2")
+    assert req.vias[0].host == "k"
+    with pytest.raises(ValueError, match="no Route header field"):
+        req.replace_top("Route", "<sip:x;lr>")
+
+
+def test_identical_text_equivalent_and_different_text_still_compared() -> None:
+    a = SipUri.parse("sip:a1@10.0.1.10:5060;transport=udp")
+    assert a.equivalent(SipUri.parse("sip:a1@10.0.1.10:5060;transport=udp"))
+    assert a.equivalent(SipUri.parse("sip:a1@10.0.1.10:5060;TRANSPORT=UDP"))
+    assert not a.equivalent(SipUri.parse("sip:a1@10.0.1.10:5062;transport=udp"))
+    assert not a.equivalent(SipUri("10.0.1.10", "a1", port=5061))
+
+
+def test_lazy_events_of_transactions() -> None:
+    async def main() -> None:
+        net = MemoryNetwork()
+        a = SipEndpoint(net.transport(("10.0.1.10", 5060)), timers=TimerConfig.lab(0.01))
+        seen = []
+
+        async def handler(tx):  # type: ignore[no-untyped-def]
+            seen.append(tx)
+            tx.reply(200)
+
+        b = SipEndpoint(net.transport(("10.0.2.10", 5060)), handler,
+                        timers=TimerConfig.lab(0.01))
+        req = Request("MESSAGE", "sip:b1@m2m.example", [
+            ("From", "<sip:a1@m2m.example>;tag=1"), ("To", "<sip:b1@m2m.example>"),
+            ("Call-ID", "m1"), ("CSeq", "1 MESSAGE")])
+        ctx = a.client_transaction(req, ("10.0.2.10", 5060))
+        assert (await ctx.final()).status == 200
+        stx = seen[0]
+        assert not stx.cancelled.is_set() and not stx.acked.is_set()
+        await asyncio.wait_for(stx.terminated.wait(), 5)  # made while alive, set at the end
+        await asyncio.wait_for(ctx.terminated.wait(), 5)
+        assert ctx.terminated.is_set()  # made after the end: already set
+        await a.close()
+        await b.close()
+
+    asyncio.run(main())
