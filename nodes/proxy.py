@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from nodes import smig
 from nodes.control import ControlServer
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -36,13 +37,14 @@ from nodes.registrar import Binding, Registrar
 from nodes.secreg import SEC_AGREE, SecRegServer
 from nodes.sip.checks import Policy
 from nodes.sip.dialog import uri_address
-from nodes.sip.endpoint import SipEndpoint
+from nodes.sip.endpoint import SipEndpoint, new_tag
 from nodes.sip.headers import NameAddr
 from nodes.sip.message import Request, Response
 from nodes.sip.timers import TimerConfig
 from nodes.sip.transaction import ClientTransaction, ServerTransaction, TransactionTimeout
 from nodes.sip.transport import Addr, UdpTransport
 from nodes.sip.uri import SipUri
+from nodes.trust import load_key, static_sas
 
 log = logging.getLogger("proxy")
 
@@ -70,6 +72,8 @@ class Proxy:
         timers: TimerConfig | None = None,
         creds: Credentials | None = None,
         ipsec: NodeIpsec | None = None,
+        trust_key: bytes | None = None,
+        notify: bool = False,
     ) -> None:
         if mode not in ("open", "ipsec-m2ms"):
             raise ValueError(f"unknown proxy mode {mode!r} (expected open or ipsec-m2ms)")
@@ -77,6 +81,8 @@ class Proxy:
             raise ValueError("ipsec-m2ms mode needs credentials and an IPsec backend")
         self.config = config
         self.creds, self.ipsec = creds, ipsec
+        self.trust_key = trust_key
+        self.notify_servers = notify  # tell the SMS and presence about registrations/calls
         self.secreg: SecRegServer | None = None
         self.ep_s: SipEndpoint | None = None  # protected server port (terminals' requests)
         self.ep_c: SipEndpoint | None = None  # protected client port (requests to terminals)
@@ -110,6 +116,12 @@ class Proxy:
             self.ep_c = await self._endpoint(self.secreg.port_c, "proxy-c")
             self.our_ports |= {self.secreg.port_s, self.secreg.port_c}
             rr_port = self.secreg.port_s
+            if self.trust_key is not None:
+                for server in ("sms", "presence"):
+                    sas, policies = static_sas(self.trust_key, self.listen,
+                                               self.config.servers[server])
+                    self.ipsec.install(sas, policies)
+                    self.events.emit("static-sas", peer=server, spis=[sa.spi for sa in sas])
         self.record_route = f"<sip:{self.listen}:{rr_port};lr>"
         self.events.emit("proxy-started", mode=self.mode, listen=f"{self.listen}:{self.port}",
                          ipsec=self.ipsec.backend_name if self.ipsec else None)
@@ -261,6 +273,9 @@ class Proxy:
             task.add_done_callback(self._tasks.discard)
         try:
             resp = await ctx.final()
+            if req.method == "INVITE" and 200 <= resp.status < 300 and not (
+                    req.to and req.to.tag):
+                self._session_established(req)
         except TransactionTimeout:
             tx.reply(408 if req.method != "INVITE" else 504)
             return
@@ -347,8 +362,51 @@ class Proxy:
         """Expired bindings go; so do the channels (SAs) no binding uses any more."""
         for b in self.registrar.purge():
             self.events.emit("expired", aor=b.aor, contact=str(b.contact.uri))
+            self._registration_changed(b, False, b.call_id)
             if self.secreg is not None and not self._bound_from(b.source):
                 self.secreg.drop_assoc(b.source, "registration expired")
+
+    # -- telling the servers (DESIGN §2: the proxy informs the SMS and presence) -------------
+    def _registration_changed(self, b: Binding, registered: bool, call_id: str) -> None:
+        if not self.notify_servers:
+            return
+        term = self.config.terminal_of(b.aor)
+        if term is None or not isinstance(b.contact.uri, SipUri):
+            return
+        msg = smig.Registration(call_id or "registration", term.name, registered,
+                                b.contact.uri.host if registered else None)
+        for server in ("sms", "presence"):
+            self._notify(server, msg)
+
+    def _session_established(self, req: Request) -> None:
+        if not self.notify_servers or req.from_ is None or req.to is None:
+            return
+        caller = self.config.terminal_of(str(req.from_.uri))
+        callee = self.config.terminal_of(str(req.to.uri))
+        if caller is None or callee is None or not req.call_id:
+            return
+        self._notify("sms", smig.SessionEstablished(req.call_id, caller.name, callee.name))
+
+    def _notify(self, server: str, msg: smig.Smig) -> None:
+        task = asyncio.ensure_future(self._send_notice(server, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_notice(self, server: str, msg: smig.Smig) -> None:
+        assert self.endpoint is not None
+        domain = self.config.domain
+        req = Request("MESSAGE", f"sip:{server}@{domain}", [
+            ("From", f"<sip:proxy@{domain}>;tag={new_tag()}"), ("To", f"<sip:{server}@{domain}>"),
+            ("Call-ID", f"{new_tag()}@{self.listen}"), ("CSeq", "1 MESSAGE"),
+            ("Content-Type", smig.CONTENT_TYPE)], msg.serialize())
+        try:
+            resp = await self.endpoint.request(req, (self.config.servers[server], 5060))
+        except TransactionTimeout:
+            self.events.emit("notify-failed", server=server, type=msg.TYPE)
+            return
+        if resp.status >= 300:
+            self.events.emit("notify-refused", server=server, type=msg.TYPE,
+                             status=resp.status)
 
     def _bind(self, tx: ServerTransaction) -> int:
         req = tx.request
@@ -363,8 +421,10 @@ class Proxy:
         for b in outcome.added:
             self.events.emit("registered", aor=b.aor, contact=str(b.contact.uri),
                              source=list(b.source), expires=b.expires_in(now))
+            self._registration_changed(b, True, req.call_id or "")
         for b in outcome.removed:
             self.events.emit("unregistered", aor=b.aor, contact=str(b.contact.uri))
+            self._registration_changed(b, False, req.call_id or "")
         self.counters["registered"] += len(outcome.added)
         contacts = [("Contact", f"<{b.contact.uri}>;expires={b.expires_in(now)}")
                     for b in outcome.bindings]
@@ -393,6 +453,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         config = LabConfig.load(args.config)
         creds = Credentials.load(args.credentials) if args.mode == "ipsec-m2ms" else None
+        trust = load_key(args.trust) if args.mode == "ipsec-m2ms" and args.notify else None
     except ConfigError as exc:
         print(f"proxy: {exc}", file=sys.stderr)
         return 2
@@ -402,15 +463,17 @@ async def run(args: argparse.Namespace) -> int:
     if args.mode == "ipsec-m2ms":
         ipsec = NodeIpsec.create(args.ipsec, "proxy", args.esp_sa)
     try:
-        return await _serve(args, config, creds, ipsec, events, timers)
+        return await _serve(args, config, creds, ipsec, events, timers, trust)
     finally:
         if ipsec is not None:
             ipsec.close()  # every SA and policy this proxy installed
 
 
 async def _serve(args: argparse.Namespace, config: LabConfig, creds: Credentials | None,
-                 ipsec: NodeIpsec | None, events: EventLog, timers: TimerConfig) -> int:
-    proxy = Proxy(config, args.listen, args.port, args.mode, events, timers, creds, ipsec)
+                 ipsec: NodeIpsec | None, events: EventLog, timers: TimerConfig,
+                 trust: bytes | None) -> int:
+    proxy = Proxy(config, args.listen, args.port, args.mode, events, timers, creds, ipsec,
+                  trust, args.notify)
     await proxy.start()
     control = None
     if args.control:
@@ -455,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ipsec", choices=("kernel", "userspace"), default="userspace",
                         help="IPsec backend (the runner passes the probe's choice)")
     parser.add_argument("--esp-sa", help="append installed SAs to this Wireshark esp_sa file")
+    parser.add_argument("--notify", action="store_true",
+                        help="the SMS and presence run: tell them about registrations and "
+                        "calls (over static SAs keyed from --trust in ipsec-m2ms mode)")
+    parser.add_argument("--trust", default="config/trust.json",
+                        help="the servers' domain key for the static SAs")
     parser.add_argument("--events", help="JSON-lines event log (default stdout)")
     parser.add_argument("--control", help="Unix socket path for the control interface")
     parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")

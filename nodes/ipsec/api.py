@@ -132,6 +132,13 @@ class IPsecBackend(abc.ABC):
     @abc.abstractmethod
     def add_policy(self, policy: Policy) -> None: ...
 
+    def update_policy(self, policy: Policy) -> None:
+        """Replace the policy with the same selector and direction in one step (e.g. point an
+        OUT policy at a new SA during a rekey) so no packet slips out unprotected between.
+        Backends override this with an atomic operation."""
+        self.delete_policy(policy.selector, policy.direction)
+        self.add_policy(policy)
+
     @abc.abstractmethod
     def delete_policy(self, selector: Selector, direction: Direction) -> None:
         """Delete; a policy that is already gone is not an error."""

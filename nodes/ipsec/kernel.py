@@ -433,6 +433,18 @@ class KernelBackend(IPsecBackend):
             policy.tmpl_dst,
         )
 
+    def update_policy(self, policy: Policy) -> None:
+        """XFRM_MSG_UPDPOLICY: the kernel swaps the policy with the same selector atomically."""
+        try:
+            self._sock.policy_add(policy_message(policy), update=True)
+        except NetlinkError as exc:
+            raise _error(f"update {policy.direction.value} policy {policy.selector}",
+                         exc) from None
+        with self._lock:
+            self._policies[(policy.selector, policy.direction)] = policy
+        log.info("policy updated: %s %s spi=%s", policy.direction.value, policy.selector,
+                 policy.spi)
+
     def delete_policy(self, selector: Selector, direction: Direction) -> None:
         try:
             self._sock.policy_delete(_selector(selector), _DIRS[direction])

@@ -86,6 +86,12 @@ class NodeIpsec:
             self.backend.add_policy(pol)
             self._policies[(pol.selector, pol.direction.value)] = pol
 
+    def update_policies(self, policies: Iterable[Policy]) -> None:
+        """Point policies at new SAs, each replaced in one step (rekey, Fig 3 step 9)."""
+        for pol in policies:
+            self.backend.update_policy(pol)
+            self._policies[(pol.selector, pol.direction.value)] = pol
+
     def move_sa(self, sa: SecurityAssociation, new_src: str, new_dst: str,
                 selector: Selector | None) -> SecurityAssociation:
         """Same keys and SPI on new addresses (DESIGN §4: replacement)."""

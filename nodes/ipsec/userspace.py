@@ -362,6 +362,24 @@ class UserspaceBackend(IPsecBackend):
         log.info("policy added: %s %s via %s->%s", policy.direction.value, policy.selector,
                  policy.tmpl_src, policy.tmpl_dst)
 
+    def update_policy(self, policy: Policy) -> None:
+        """Atomic under the engine lock: no packet sees the SPD without the policy."""
+        check_policy(policy)
+        with self._lock:
+            old = next((p for p in self._spd.policies(policy.direction)
+                        if p.selector == policy.selector), None)
+            self._spd.delete(policy.selector, policy.direction)
+            try:
+                self._spd.add(policy)
+                self._sync_nft()
+            except (IPsecError, ValueError):
+                self._spd.delete(policy.selector, policy.direction)
+                if old is not None:
+                    self._spd.add(old)
+                raise
+        log.info("policy updated: %s %s spi=%s", policy.direction.value, policy.selector,
+                 policy.spi)
+
     def delete_policy(self, selector: Selector, direction: Direction) -> None:
         with self._lock:
             if self._spd.delete(selector, direction):

@@ -1,0 +1,264 @@
+"""SMIG messages: one JSON object per SIP MESSAGE, `Content-Type: application/smig+json`.
+
+Every message has a `type` and `session` (the original Call-ID, DESIGN §2). One typed class
+per type; `parse()` checks the type, the fields and their JSON types (unknown or missing
+fields are errors with precise messages) and `serialize()` writes compact, sorted JSON.
+Key material (`keys`, `security`) never shows in a repr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+CONTENT_TYPE = "application/smig+json"
+MEDIA_KINDS = ("audio", "video")
+METHODS = ("reuse", "renegotiate")
+REKEY_PHASES = ("offer", "answer", "commit", "done")
+_SECRET_FIELDS = ("keys", "security")
+
+
+@dataclass(frozen=True)
+class Smig:
+    TYPE: ClassVar[str] = ""
+    session: str
+
+    def serialize(self) -> bytes:
+        body = {"type": self.TYPE}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                body[f.name.replace("_", "-")] = value
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}=<hidden>" if f.name in _SECRET_FIELDS and getattr(self, f.name)
+            else f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({shown})"
+
+    __str__ = __repr__
+
+    def check(self) -> None:
+        """Value checks beyond JSON types (subclasses add theirs)."""
+        if not self.session:
+            raise ValueError(f"{self.TYPE}: empty session")
+
+
+# -- proxy -> servers -----------------------------------------------------------------------
+@dataclass(frozen=True, repr=False)
+class SessionEstablished(Smig):
+    TYPE: ClassVar[str] = "session-established"
+    caller: str
+    callee: str
+
+
+@dataclass(frozen=True, repr=False)
+class Registration(Smig):
+    """A terminal (un)registered (proxy -> SMS and presence); `session`: its Call-ID."""
+
+    TYPE: ClassVar[str] = "registration"
+    terminal: str
+    registered: bool
+    address: str | None = None  # the contact's IP
+
+
+# -- Fig 3 ------------------------------------------------------------------------------------
+@dataclass(frozen=True, repr=False)
+class SwitchRequest(Smig):
+    """Step (1) from the initiator (with security and keys); step (2) to the peer (without)."""
+
+    TYPE: ClassVar[str] = "switch-request"
+    new_terminal: str
+    media: str
+    method: str = "reuse"
+    from_terminal: str | None = None
+    security: dict[str, Any] | None = None
+    keys: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        super().check()
+        _one_of(self.TYPE, "media", self.media, MEDIA_KINDS)
+        _one_of(self.TYPE, "method", self.method, METHODS)
+
+    def stripped(self) -> SwitchRequest:
+        """Step (2): what the peer gets — no security information, no keys."""
+        return dataclasses.replace(self, security=None, keys=None)
+
+
+@dataclass(frozen=True, repr=False)
+class SwitchResponse(Smig):
+    """Step (3): the peer agrees (naming its new terminal, with its security and keys)."""
+
+    TYPE: ClassVar[str] = "switch-response"
+    accept: bool
+    new_terminal: str | None = None
+    reason: str | None = None
+    security: dict[str, Any] | None = None
+    keys: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, repr=False)
+class SwitchRefused(Smig):
+    TYPE: ClassVar[str] = "switch-refused"
+    reason: str
+
+
+@dataclass(frozen=True, repr=False)
+class SessionConfig(Smig):
+    """Step (5): media, where to send, security information and keys (or none: negotiate)."""
+
+    TYPE: ClassVar[str] = "session-config"
+    terminal: str  # the terminal this config is for
+    media: str
+    role: str  # "offerer" or "answerer" in the media-key derivation
+    local_port: int
+    peer_terminal: str
+    peer_address: str
+    peer_port: int
+    method: str = "reuse"
+    security: dict[str, Any] | None = None
+    keys: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        super().check()
+        _one_of(self.TYPE, "media", self.media, MEDIA_KINDS)
+        _one_of(self.TYPE, "role", self.role, ("offerer", "answerer"))
+        _one_of(self.TYPE, "method", self.method, METHODS)
+        for name in ("local_port", "peer_port"):
+            port = getattr(self, name)
+            if not 1 <= port <= 65534:
+                raise ValueError(f"{self.TYPE}: {name.replace('_', '-')} {port} out of range")
+
+
+@dataclass(frozen=True, repr=False)
+class SwitchComplete(Smig):
+    """Step (7)."""
+
+    TYPE: ClassVar[str] = "switch-complete"
+    terminal: str
+
+
+@dataclass(frozen=True, repr=False)
+class SwitchDone(Smig):
+    """All new terminals completed: the old ones end their dialog, the SMS anchors."""
+
+    TYPE: ClassVar[str] = "switch-done"
+    terminals: list[str]
+
+
+@dataclass(frozen=True, repr=False)
+class Rekey(Smig):
+    """Step (9), and the key negotiation of the renegotiate-first baseline."""
+
+    TYPE: ClassVar[str] = "rekey"
+    phase: str
+    terminal: str
+    key: str | None = None  # the sender's fresh m2m-key attribute value (offer/answer)
+    purpose: str = "rekey"
+
+    def check(self) -> None:
+        super().check()
+        _one_of(self.TYPE, "phase", self.phase, REKEY_PHASES)
+        _one_of(self.TYPE, "purpose", self.purpose, ("rekey", "negotiate"))
+        if self.phase in ("offer", "answer") and not self.key:
+            raise ValueError(f"rekey {self.phase}: missing key")
+
+
+@dataclass(frozen=True, repr=False)
+class End(Smig):
+    TYPE: ClassVar[str] = "end"
+    reason: str | None = None
+
+
+# -- presence -------------------------------------------------------------------------------
+@dataclass(frozen=True, repr=False)
+class PresenceQuery(Smig):
+    """`session` carries the query id here."""
+
+    TYPE: ClassVar[str] = "presence-query"
+    user: str
+    capability: str
+
+    def check(self) -> None:
+        super().check()
+        _one_of(self.TYPE, "capability", self.capability, MEDIA_KINDS)
+
+
+@dataclass(frozen=True, repr=False)
+class PresenceResult(Smig):
+    TYPE: ClassVar[str] = "presence-result"
+    user: str
+    terminals: list[dict[str, Any]]
+
+
+TYPES: dict[str, type[Smig]] = {
+    cls.TYPE: cls for cls in (SessionEstablished, Registration, SwitchRequest, SwitchResponse,
+                              SwitchRefused, SessionConfig, SwitchComplete, SwitchDone, Rekey,
+                              End, PresenceQuery, PresenceResult)
+}
+
+
+def _one_of(kind: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{kind}: {name} {value!r} not one of {', '.join(allowed)}")
+
+
+def _json_type_ok(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType):
+        return any(_json_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        return isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    return {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array",
+            type(None): "null"}.get(origin, str(origin))
+
+
+def parse(data: bytes) -> Smig:
+    """One SMIG message from a MESSAGE body; ValueError says precisely what is wrong."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"SMIG body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("SMIG body must be a JSON object")
+    kind = body.get("type")
+    cls = TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"unknown SMIG type {kind!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    wire = {name.replace("_", "-"): name for name in fields}
+    unknown = sorted(set(body) - set(wire) - {"type"})
+    if unknown:
+        raise ValueError(f"{kind}: unknown field(s) {', '.join(unknown)}")
+    args: dict[str, Any] = {}
+    for wname, name in wire.items():
+        f = fields[name]
+        required = (f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)
+        if wname not in body:
+            if required:
+                raise ValueError(f"{kind}: missing field {wname!r}")
+            continue
+        if not _json_type_ok(body[wname], hints[name]):
+            raise ValueError(f"{kind}: field {wname!r} must be {_type_name(hints[name])}")
+        args[name] = body[wname]
+    msg = cls(**args)
+    msg.check()
+    return msg

@@ -1,0 +1,281 @@
+"""Session management server (SMS): terminal and media switch, Fig 3, steps (1)–(9).
+
+    A1 ──(1) switch-request + security + keys──► SMS ──(2) without them──► B1
+    B1 asks presence for a terminal; B1 ──(3) switch-response + security + keys──► SMS
+    SMS (4) checks both sides' keys are equal, (5) session-config ──► A2, B2
+    A2, B2 (6) set SPD/SAD, (7) switch-complete ──► SMS ──switch-done──► A1, B1, A2, B2
+    A2 ⇄ B2 (8) media with the reused keys; (9) rekey relayed by the SMS
+
+The proxy tells the SMS about registrations (addresses) and established dialogs
+(`session-established`). After a switch the SMS anchors the session (same session id); `end`
+from a current participant ends it everywhere. Refusals are SIP errors on the MESSAGE that
+asked, and change nothing: 404 unknown session, 403 not a participant / not your terminal,
+480 new terminal not registered, 488 terminal lacks the media, 491 switch already running,
+409 keys differ, 400 malformed.
+
+    python -m nodes.sms --config config/lab.json --events ... --control ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodes import smig
+from nodes.server import SmigServer, server_main
+from nodes.sip.transaction import ServerTransaction
+
+SMIG_PORTS = {"audio": 41000, "video": 41002}  # where switched-in terminals receive media
+SWITCH_TIMEOUT = 15.0
+
+
+@dataclass
+class Switch:
+    initiator: str  # terminal that asked (step 1)
+    media: str
+    method: str
+    new: dict[str, str]  # user -> new terminal
+    old: dict[str, str]  # user -> terminal before the switch
+    security: dict[str, Any] | None
+    keys: dict[str, Any] | None
+    started_ns: int
+    complete: set[str] = field(default_factory=set)
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class Session:
+    id: str
+    terminals: dict[str, str]  # user -> current terminal
+    offerer: str  # user whose side offered the media keys
+    anchored: bool = False
+    switch: Switch | None = None
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class SessionManager(SmigServer):
+    name = "sms"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sessions: dict[str, Session] = {}
+        self.addresses: dict[str, str] = {}  # terminal -> registered IP
+
+    def user(self, terminal: str) -> str:
+        term = self.config.terminals.get(terminal)
+        return term.user if term else ""
+
+    async def handle(self, msg: smig.Smig, sender: str, tx: ServerTransaction) -> None:
+        handlers = {
+            smig.SessionEstablished: self._established, smig.Registration: self._registration,
+            smig.SwitchRequest: self._switch_request, smig.SwitchResponse: self._switch_response,
+            smig.SwitchComplete: self._switch_complete, smig.Rekey: self._rekey,
+            smig.End: self._end,
+        }
+        handler = handlers.get(type(msg))
+        try:
+            if handler is None:
+                raise Refusal(400, f"SMS does not take {msg.TYPE}")
+            handler(msg, sender)  # type: ignore[operator]
+        except Refusal as exc:
+            self.counters[f"refused-{exc.status}"] += 1
+            self.events.emit("refused", type=msg.TYPE, session=msg.session, sender=sender,
+                             status=exc.status, reason=exc.reason)
+            tx.reply(exc.status, exc.reason)
+            return
+        tx.reply(200)
+
+    # -- learning from the proxy ----------------------------------------------------------------
+    def _established(self, msg: smig.SessionEstablished, sender: str) -> None:
+        if sender != "proxy":
+            raise Refusal(403, "Only the proxy reports sessions")
+        users = {self.user(msg.caller): msg.caller, self.user(msg.callee): msg.callee}
+        self.sessions[msg.session] = Session(msg.session, users, self.user(msg.caller))
+        self.events.emit("session-established", session=msg.session, caller=msg.caller,
+                         callee=msg.callee)
+
+    def _registration(self, msg: smig.Registration, sender: str) -> None:
+        if sender != "proxy":
+            raise Refusal(403, "Only the proxy reports registrations")
+        if msg.registered and msg.address:
+            self.addresses[msg.terminal] = msg.address
+        else:
+            self.addresses.pop(msg.terminal, None)
+
+    # -- Fig 3 ------------------------------------------------------------------------------------
+    def _session_of(self, session_id: str, sender: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise Refusal(404, "Unknown session")
+        if session.terminals.get(self.user(sender)) != sender:
+            raise Refusal(403, "Not a participant of this session")
+        return session
+
+    def _check_new(self, user: str, terminal: str, media: str) -> None:
+        term = self.config.terminals.get(terminal)
+        if term is None or term.user != user:
+            raise Refusal(403, f"{terminal} is not a terminal of {user}")
+        if terminal not in self.addresses:
+            raise Refusal(480, f"{terminal} is not registered")
+        if media not in term.capabilities:
+            raise Refusal(488, f"{terminal} cannot do {media}")
+
+    def _switch_request(self, msg: smig.SwitchRequest, sender: str) -> None:
+        """Step (1) at the SMS, then step (2): forward to the peer without keys."""
+        session = self._session_of(msg.session, sender)
+        if session.switch is not None:
+            raise Refusal(491, "A switch is already in progress")
+        me = self.user(sender)
+        self._check_new(me, msg.new_terminal, msg.media)
+        if msg.method == "reuse" and (not msg.security or not msg.keys):
+            raise Refusal(400, "Key reuse needs the security information and the keys")
+        peer_user = next(u for u in session.terminals if u != me)
+        sw = Switch(sender, msg.media, msg.method, {me: msg.new_terminal},
+                    dict(session.terminals), msg.security, msg.keys, time.time_ns())
+        sw.timer = asyncio.get_running_loop().call_later(SWITCH_TIMEOUT, self._timeout,
+                                                         session.id)
+        session.switch = sw
+        self.events.emit("fig3", step=1, session=session.id, initiator=sender,
+                         new_terminal=msg.new_terminal, media=msg.media, method=msg.method)
+        forward = smig.SwitchRequest(session.id, msg.new_terminal, msg.media, msg.method,
+                                     from_terminal=sender)  # step (2): no security, no keys
+        self.send(session.terminals[peer_user], forward)
+        self.events.emit("fig3", step=2, session=session.id,
+                         to=session.terminals[peer_user], keys_removed=True)
+
+    def _switch_response(self, msg: smig.SwitchResponse, sender: str) -> None:
+        """Step (3) arrives; step (4) the key check; step (5) session configuration."""
+        session = self._session_of(msg.session, sender)
+        sw = session.switch
+        if sw is None or sender == sw.initiator:
+            raise Refusal(481, "No switch is waiting for this answer")
+        peer_user = self.user(sender)
+        if not msg.accept:
+            self._abort(session, f"{sender} declined: {msg.reason or 'no reason'}")
+            return
+        self.events.emit("fig3", step=3, session=session.id, responder=sender,
+                         new_terminal=msg.new_terminal)
+        try:
+            if not msg.new_terminal:
+                raise Refusal(400, "An accepting switch-response names its new terminal")
+            self._check_new(peer_user, msg.new_terminal, sw.media)
+            if sw.method == "reuse":
+                if _canonical(msg.keys) != _canonical(sw.keys) or \
+                        _canonical(msg.security) != _canonical(sw.security):
+                    self.events.emit("fig3", step=4, session=session.id, keys_equal=False)
+                    raise Refusal(409, "Keys differ between the two sides")
+                self.events.emit("fig3", step=4, session=session.id, keys_equal=True)
+        except Refusal as exc:
+            self._abort(session, exc.reason)
+            raise
+        sw.new[peer_user] = msg.new_terminal
+        self._configure(session, sw)
+
+    def _configure(self, session: Session, sw: Switch) -> None:
+        """Step (5): media, where to send, security information and keys, to each new
+        terminal."""
+        port = SMIG_PORTS[sw.media]
+        for user, terminal in sw.new.items():
+            peer_user = next(u for u in sw.new if u != user)
+            peer = sw.new[peer_user]
+            cfg = smig.SessionConfig(
+                session.id, terminal, sw.media,
+                "offerer" if user == session.offerer else "answerer", port, peer,
+                self.addresses[peer], port, sw.method,
+                sw.security if sw.method == "reuse" else None,
+                sw.keys if sw.method == "reuse" else None)
+            self.send(terminal, cfg)
+        self.events.emit("fig3", step=5, session=session.id, terminals=sorted(sw.new.values()),
+                         media=sw.media, method=sw.method)
+
+    def _switch_complete(self, msg: smig.SwitchComplete, sender: str) -> None:
+        """Step (7): when every new terminal is done, the session moves to them."""
+        session = self.sessions.get(msg.session)
+        if session is None:
+            raise Refusal(404, "Unknown session")
+        sw = session.switch
+        if sw is None or sender not in sw.new.values():
+            raise Refusal(403, "Not a terminal of the pending switch")
+        sw.complete.add(sender)
+        self.events.emit("fig3", step=7, session=session.id, terminal=sender)
+        if sw.complete != set(sw.new.values()):
+            return
+        if sw.timer is not None:
+            sw.timer.cancel()
+        session.terminals = dict(sw.new)
+        session.anchored = True
+        session.switch = None
+        done = smig.SwitchDone(session.id, sorted(sw.new.values()))
+        for terminal in sorted(set(sw.old.values()) | set(sw.new.values())):
+            self.send(terminal, done)
+        self.events.emit("fig3-switched", session=session.id, terminals=sorted(sw.new.values()),
+                         took_ns=time.time_ns() - sw.started_ns, method=sw.method)
+
+    def _rekey(self, msg: smig.Rekey, sender: str) -> None:
+        """Step (9) (and the baseline's negotiation): relay to the other participant."""
+        session = self.sessions.get(msg.session)
+        if session is None:
+            raise Refusal(404, "Unknown session")
+        parties = set(session.switch.new.values()) if session.switch else set()
+        parties |= set(session.terminals.values())
+        if sender not in parties or msg.terminal != sender:
+            raise Refusal(403, "Not a participant of this session")
+        targets = session.switch.new if session.switch else session.terminals
+        peer = next((t for u, t in targets.items() if u != self.user(sender)), None)
+        if peer is None:
+            raise Refusal(409, "No peer to relay to")
+        self.send(peer, msg)
+        self.events.emit("fig3", step=9, session=session.id, phase=msg.phase,
+                         purpose=msg.purpose, relayed=f"{sender}->{peer}")
+
+    def _end(self, msg: smig.End, sender: str) -> None:
+        session = self._session_of(msg.session, sender)
+        del self.sessions[session.id]
+        if session.switch and session.switch.timer:
+            session.switch.timer.cancel()
+        for terminal in session.terminals.values():
+            if terminal != sender:
+                self.send(terminal, smig.End(session.id, f"ended by {sender}"))
+        self.events.emit("session-ended", session=session.id, by=sender)
+
+    def _abort(self, session: Session, reason: str) -> None:
+        sw = session.switch
+        if sw is None:
+            return
+        if sw.timer is not None:
+            sw.timer.cancel()
+        session.switch = None
+        for terminal in {sw.initiator, *sw.old.values()}:
+            self.send(terminal, smig.SwitchRefused(session.id, reason))
+        self.events.emit("fig3-refused", session=session.id, reason=reason)
+
+    def _timeout(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            self._abort(session, "switch timed out")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **super().status(),
+            "addresses": dict(self.addresses),
+            "sessions": {sid: {"terminals": s.terminals, "anchored": s.anchored,
+                               "switching": s.switch is not None}
+                         for sid, s in self.sessions.items()},
+        }
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+if __name__ == "__main__":
+    sys.exit(server_main(SessionManager))
