@@ -339,11 +339,23 @@ class Lab:
                 "--credentials", str(credentials or DEFAULT_CREDENTIALS)]
 
     def start_proxy(self, mode: str = "ipsec-m2ms", config: Path | None = None,
-                    t1: float = 0.1, credentials: Path | None = None) -> NodeControl:
+                    t1: float = 0.1, credentials: Path | None = None,
+                    notify: bool = False) -> NodeControl:
         return self.start_node("proxy", "nodes.proxy", "proxy", [
             "--listen", address("proxy", "core"), "--mode", mode, "--t1", str(t1),
             "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO",
-            *self._security_args(credentials)])
+            *(["--notify"] if notify else []), *self._security_args(credentials)])
+
+    def start_servers(self, mode: str = "ipsec-m2ms", config: Path | None = None,
+                      t1: float = 0.1) -> None:
+        """The SMS and presence (each on its own host), then the proxy that informs them."""
+        assert self.caps is not None and self.run_dir is not None
+        for name in ("sms", "presence"):
+            self.start_node(name, f"nodes.{name}", name, [
+                "--mode", mode, "--t1", str(t1), "--config", str(config or DEFAULT_CONFIG),
+                "--ipsec", self.caps.ipsec_backend, "--esp-sa", str(self.run_dir / "esp_sa"),
+                "--log-level", "INFO"])
+        self.start_proxy(mode, config, t1, notify=True)
 
     def start_terminal(self, name: str, mode: str = "ipsec-m2ms", config: Path | None = None,
                        t1: float = 0.1, credentials: Path | None = None,

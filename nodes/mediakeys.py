@@ -240,7 +240,7 @@ def _check_endpoint(ip: str, port: int, what: str) -> None:
 
 def media_sas(role: Role, offer: M2mKey, answer: M2mKey, call_id: str, mline_index: int,
               local_ip: str, local_rtp_port: int, remote_ip: str,
-              remote_rtp_port: int) -> MediaSaSet:
+              remote_rtp_port: int, keys: MediaKeys | None = None) -> MediaSaSet:
     """The SAs and policies `role` installs for media section `mline_index`.
 
     The outbound SA uses the SPI the peer receives on (its m2m-key's spi). Outbound policies
@@ -248,7 +248,8 @@ def media_sas(role: Role, offer: M2mKey, answer: M2mKey, call_id: str, mline_ind
     inbound SA are both accepted until the old one is deleted (make before break)."""
     _check_endpoint(local_ip, local_rtp_port, "local")
     _check_endpoint(remote_ip, remote_rtp_port, "remote")
-    keys = derive_media_keys(offer, answer, call_id, mline_index)
+    if keys is None:  # given keys: Fig 3 reuses the ones that crossed the network
+        keys = derive_media_keys(offer, answer, call_id, mline_index)
     if role is Role.OFFERER:
         send, recv, out_spi, in_spi = keys.offer_to_answer, keys.answer_to_offer, answer.spi, \
             offer.spi

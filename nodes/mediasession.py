@@ -22,7 +22,17 @@ from typing import Any
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
 from nodes.media import Receiver, VideoSender, VoiceSender
-from nodes.mediakeys import M2mKey, MediaSaSet, Role, media_key, media_sas, set_media_key
+from nodes.mediakeys import (
+    KeyPair,
+    M2mKey,
+    MediaKeys,
+    MediaSaSet,
+    Role,
+    derive_media_keys,
+    media_key,
+    media_sas,
+    set_media_key,
+)
 from nodes.sip.sdp import SessionDescription
 
 log = logging.getLogger("media")
@@ -40,21 +50,24 @@ class MediaError(ValueError):
 class MediaSession:
     def __init__(self, role: Role, local_ip: str, kind: str, events: EventLog,
                  ipsec: NodeIpsec | None, wav: Path | None = None, loop: bool = True,
-                 spis_in_use: set[int] | None = None) -> None:
+                 spis_in_use: set[int] | None = None, port: int = 0) -> None:
         if kind not in FORMATS:
             raise MediaError(f"unknown media kind {kind!r} (expected audio or video)")
         self.role, self.local_ip, self.kind = role, local_ip, kind
         self.events, self.ipsec, self.loop = events, ipsec, loop
         self.call_id = ""
-        self.receiver = Receiver(0, log=events, wav=wav if kind == "audio" else None,
+        self.receiver = Receiver(port, log=events, wav=wav if kind == "audio" else None,
                                  name=f"rx-{kind}")
         self.local_port = self.receiver.port
         self.local_key = M2mKey.fresh(spis_in_use or set()) if ipsec is not None else None
         self.remote_key: M2mKey | None = None
         self.remote: tuple[str, int] | None = None
         self.saset: MediaSaSet | None = None
+        self.keys: MediaKeys | None = None  # given (Fig 3 key reuse) instead of derived
         self.sender: VoiceSender | VideoSender | None = None
         self._receiving = False
+        self._rekey_local: M2mKey | None = None  # our fresh key during a rekey
+        self._rekey_new: MediaSaSet | None = None
 
     # -- SDP -----------------------------------------------------------------------------------
     def sdp(self) -> bytes:
@@ -103,10 +116,9 @@ class MediaSession:
         self.call_id = call_id
         if self.ipsec is not None:
             assert self.local_key is not None and self.remote_key is not None
-            offer, answer = ((self.local_key, self.remote_key) if self.role is Role.OFFERER
-                             else (self.remote_key, self.local_key))
+            offer, answer = self._offer_answer(self.local_key, self.remote_key)
             self.saset = media_sas(self.role, offer, answer, call_id, 0, self.local_ip,
-                                   self.local_port, self.remote[0], self.remote[1])
+                                   self.local_port, self.remote[0], self.remote[1], self.keys)
             self.ipsec.install(self.saset.sas, self.saset.policies)
             self.events.emit("fig2-media-sas", step="Fig2", call_id=call_id,
                              spi_out=self.saset.outbound.spi, spi_in=self.saset.inbound.spi,
@@ -142,6 +154,88 @@ class MediaSession:
             self.ipsec.remove(self.saset.sas, self.saset.policies)
             self.events.emit("fig2-media-sas-removed", call_id=self.call_id, why=why)
             self.saset = None
+
+    def _offer_answer(self, mine: M2mKey, theirs: M2mKey) -> tuple[M2mKey, M2mKey]:
+        return (mine, theirs) if self.role is Role.OFFERER else (theirs, mine)
+
+    # -- Fig 3: moving the channel to other terminals -----------------------------------------
+    def export(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """Step (1)/(3): the security information exchanged at call start and the keys in
+        use, as they cross the network (inside the ESP-protected signalling)."""
+        assert self.local_key is not None and self.remote_key is not None and self.call_id
+        offer, answer = self._offer_answer(self.local_key, self.remote_key)
+        keys = self.keys or derive_media_keys(offer, answer, self.call_id, 0)
+        security = {"offer": offer.serialize(), "answer": answer.serialize()}
+        return security, {
+            "offer-to-answer": {"enc": keys.offer_to_answer.enc_key.hex(),
+                                "auth": keys.offer_to_answer.auth_key.hex()},
+            "answer-to-offer": {"enc": keys.answer_to_offer.enc_key.hex(),
+                                "auth": keys.answer_to_offer.auth_key.hex()},
+        }
+
+    def adopt(self, security: dict[str, str], keys: dict[str, dict[str, str]],
+              remote: tuple[str, int]) -> None:
+        """Step (6) input: the old session's security information and keys, the new peer."""
+        try:
+            offer = M2mKey.parse(security["offer"])
+            answer = M2mKey.parse(security["answer"])
+            pairs = [KeyPair(bytes.fromhex(keys[d]["enc"]), bytes.fromhex(keys[d]["auth"]))
+                     for d in ("offer-to-answer", "answer-to-offer")]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MediaError(f"unusable security information or keys: {exc!r}") from None
+        self.local_key, self.remote_key = ((offer, answer) if self.role is Role.OFFERER
+                                           else (answer, offer))
+        self.keys = MediaKeys(*pairs)
+        self.remote = remote
+
+    # -- Fig 3 step (9): rekey without a media gap ----------------------------------------------
+    def rekey_offer(self, spis_in_use: set[int]) -> M2mKey:
+        self._rekey_local = M2mKey.fresh(spis_in_use | self.spis())
+        return self._rekey_local
+
+    def _new_saset(self, theirs: M2mKey) -> MediaSaSet:
+        assert self._rekey_local is not None and self.remote is not None
+        offer, answer = self._offer_answer(self._rekey_local, theirs)
+        return media_sas(self.role, offer, answer, self.call_id, 0, self.local_ip,
+                         self.local_port, self.remote[0], self.remote[1])
+
+    def rekey_answer(self, theirs: M2mKey, spis_in_use: set[int]) -> M2mKey:
+        """Peer's side, first: our fresh key, and the new inbound SA before anything else."""
+        mine = self.rekey_offer(spis_in_use)
+        self._rekey_new = self._new_saset(theirs)
+        assert self.ipsec is not None
+        self.ipsec.install([self._rekey_new.inbound], [])
+        return mine
+
+    def rekey_commit(self, theirs: M2mKey) -> None:
+        """Initiator, on the answer: new inbound and outbound SAs, outbound traffic moved to
+        the new SA, the reused outbound SA deleted (lifetime 0 is explicit deletion)."""
+        assert self.ipsec is not None and self.saset is not None
+        new = self._new_saset(theirs)
+        self.ipsec.install([new.inbound, new.outbound], [])
+        self.ipsec.update_policies(p for p in new.policies if p.spi is not None)
+        self.ipsec.remove([self.saset.outbound], [])
+        self._rekey_new = new
+
+    def rekey_switch_outbound(self) -> None:
+        """Peer, on commit: outbound moves to the new SA; both reused SAs are deleted."""
+        assert self.ipsec is not None and self.saset is not None
+        new = self._rekey_new
+        assert new is not None
+        self.ipsec.install([new.outbound], [])
+        self.ipsec.update_policies(p for p in new.policies if p.spi is not None)
+        self.ipsec.remove([self.saset.outbound, self.saset.inbound], [])
+        self.saset, self._rekey_new, self._rekey_local = new, None, None
+        self.keys = None
+
+    def rekey_finish(self) -> None:
+        """Initiator, on done: the reused inbound SA goes too."""
+        assert self.ipsec is not None and self.saset is not None
+        new = self._rekey_new
+        assert new is not None
+        self.ipsec.remove([self.saset.inbound], [])
+        self.saset, self._rekey_new, self._rekey_local = new, None, None
+        self.keys = None
 
     def spis(self) -> set[int]:
         return {sa.spi for sa in self.saset.sas} if self.saset else set()

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from nodes import smig
 from nodes.control import CommandError, ControlServer
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -42,6 +43,7 @@ from nodes.sip.timers import TimerConfig
 from nodes.sip.transaction import ServerTransaction, TransactionTimeout
 from nodes.sip.transport import Addr, UdpTransport
 from nodes.sip.uri import SipUri
+from nodes.smigagent import SmigAgent
 
 log = logging.getLogger("terminal")
 
@@ -74,6 +76,9 @@ class Terminal:
         self.media_dir = media_dir  # received WAVs and per-packet media logs go here
         self.media_loop = media_loop
         self.media: dict[str, MediaSession] = {}  # call-id -> its secure data channel
+        self._media_log: EventLog | None = None
+        self._wavs = 0
+        self.smig = SmigAgent(self)
         self.events = events or EventLog(name)
         self.timers = timers or TimerConfig()
         self.secreg = (SecRegClient(ipsec, config.aor(name), psk, local_ip, proxy[0],
@@ -109,6 +114,9 @@ class Terminal:
         if self.ua is not None:
             for dlg in list(self.calls.values()):
                 await self._bye(dlg)
+            for session in list(self.media.values()):  # switched-in sessions have no dialog
+                await session.close("terminal stopped")
+            self.media.clear()
             if self.channel is not None and self.secreg is not None:
                 await self.secreg.close_channel(self.channel)
                 self.channel = None
@@ -187,13 +195,21 @@ class Terminal:
     async def unregister(self) -> dict[str, Any]:
         return await self.register(expires=0)
 
+    def media_log(self) -> EventLog:
+        """Per-packet media events go to their own file, away from the signalling steps."""
+        if self._media_log is None:
+            self._media_log = (EventLog(self.name, str(self.media_dir /
+                                                       f"{self.name}-media.jsonl"))
+                               if self.media_dir else self.events)
+        return self._media_log
+
+    def media_wav(self) -> Path | None:
+        self._wavs += 1
+        return self.media_dir / f"{self.name}-call{self._wavs}.wav" if self.media_dir else None
+
     def _media_session(self, role: Role, kind: str) -> MediaSession:
-        n = len(self.media) + 1
-        wav = self.media_dir / f"{self.name}-call{n}.wav" if self.media_dir else None
-        log = EventLog(self.name, str(self.media_dir / f"{self.name}-media.jsonl")) \
-            if self.media_dir else self.events
-        return MediaSession(role, self.local_ip, kind, log, self.ipsec, wav, self.media_loop,
-                            self._spis_in_use())
+        return MediaSession(role, self.local_ip, kind, self.media_log(), self.ipsec,
+                            self.media_wav(), self.media_loop, self._spis_in_use())
 
     def _spis_in_use(self) -> set[int]:
         spis = {sa.spi for sa in self.channel.saset.sas} if self.channel else set()
@@ -279,6 +295,8 @@ class Terminal:
             "calls": {cid: {"state": d.state.value, "peer": str(d.remote_uri.uri),
                             "media": self.media[cid].status() if cid in self.media else None}
                       for cid, d in self.calls.items()},
+            "sessions": {sid: m.status() for sid, m in self.media.items()
+                         if sid not in self.calls},
             "messages": self.messages[-20:],
             "counters": dict(self.counters),
         }
@@ -289,6 +307,9 @@ class Terminal:
         self.counters[f"rx-{req.method}"] += 1
         if dlg is None and req.method == "INVITE":
             await self._answer(tx)
+        elif req.method == "MESSAGE" and req.content_type is not None and \
+                req.content_type.mime == smig.CONTENT_TYPE:
+            await self.smig.on_message(tx)
         elif req.method == "MESSAGE":
             record = {"from": str(req.from_.uri) if req.from_ else None,
                       "text": req.body.decode(errors="replace"), "call_id": req.call_id}
@@ -380,6 +401,11 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
         control.command("hangup", term.hangup, required={"call_id": str}, help="BYE")
         control.command("message", term.message, required={"to": str, "text": str},
                         help="MESSAGE a terminal")
+        control.command("switch", term.smig.switch, required={"call_id": str, "to": str},
+                        optional={"media": str, "method": str},
+                        help="Fig 3: move the call to terminal `to` (method reuse|renegotiate)")
+        control.command("end", term.smig.end, required={"session": str},
+                        help="end an anchored session everywhere (through the SMS)")
 
         async def status() -> dict[str, Any]:
             return term.status()
