@@ -27,3 +27,36 @@ def tshark_fields(
 def packet_times(pcap: Path, display_filter: str) -> list[float]:
     """Capture timestamps (epoch seconds, the wall clock) of the matching packets."""
     return [float(row[0]) for row in tshark_fields(pcap, display_filter, ["frame.time_epoch"])]
+
+
+def sip_messages(pcap: Path, extra: list[str] | None = None,
+                 display_filter: str = "sip") -> list[dict[str, object]]:
+    """Every SIP message in a capture, in capture order: time, addresses, method or status,
+    Call-ID and the body (decrypted first when `extra` holds the run's esp_sa options)."""
+    import json
+
+    fields = ["frame.time_epoch", "ip.src", "ip.dst", "udp.srcport", "udp.dstport",
+              "sip.Method", "sip.Status-Code", "sip.CSeq.method", "sip.msg_hdr", "esp.spi"]
+    cmd = ["tshark", "-n", "-r", str(pcap), *(extra or []), "-Y", display_filter, "-T", "json"]
+    for field in fields:
+        cmd += ["-e", field]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    if out.returncode != 0 and not out.stdout:
+        raise RuntimeError(f"tshark failed on {pcap.name}: {out.stderr.strip()}")
+    messages: list[dict[str, object]] = []
+    for pkt in json.loads(out.stdout or "[]"):
+        f = pkt["_source"]["layers"]
+
+        def one(name: str, f: dict = f) -> str | None:
+            v = f.get(name)
+            return v[0] if v else None
+
+        hdr = one("sip.msg_hdr") or ""
+        _, _, body = hdr.partition("\r\n\r\n")
+        messages.append({
+            "t": float(one("frame.time_epoch") or 0), "src": one("ip.src"),
+            "dst": one("ip.dst"), "sport": one("udp.srcport"), "dport": one("udp.dstport"),
+            "method": one("sip.Method"), "status": one("sip.Status-Code"),
+            "cseq_method": one("sip.CSeq.method"), "body": body, "esp": bool(f.get("esp.spi")),
+        })
+    return messages

@@ -276,12 +276,38 @@ class SmigAgent:
             await session.close("session ended")
         self.term.events.emit("session-ended", session=msg.session, reason=msg.reason)
 
-    async def end(self, session_id: str) -> dict[str, Any]:
+    async def send_raw(self, server: str, body: str) -> dict[str, Any]:
+        """Send any body as a SMIG MESSAGE to the SMS or presence (a lab tool: craft, and
+        watch the server refuse, malformed or unauthorised requests)."""
+        if server not in ("sms", "presence"):
+            raise CommandError(f"server must be sms or presence, got {server!r}")
+        ua = self.term._ua()
+        domain = self.term.config.domain
+        req = Request("MESSAGE", f"sip:{server}@{domain}", [
+            ("From", f"<{self.term.aor}>;tag={new_tag()}"), ("To", f"<sip:{server}@{domain}>"),
+            ("Call-ID", f"{new_tag()}@{self.term.local_ip}"), ("CSeq", "1 MESSAGE"),
+            ("Content-Type", smig.CONTENT_TYPE)], body.encode())
+        try:
+            resp = await ua.endpoint.request(req, self.term._proxy_hop())
+        except TransactionTimeout:
+            return {"status": None, "reason": "no answer"}
+        return {"status": resp.status, "reason": resp.reason}
+
+    def export(self, call_id: str) -> dict[str, Any]:
+        """The security information and keys of a call, as a switch request carries them
+        (a lab tool for building requests by hand; they travel only inside ESP)."""
+        session = self.term.media.get(call_id)
+        if session is None or session.local_key is None or session.remote_key is None:
+            raise CommandError(f"no secure call {call_id!r}")
+        security, keys = session.export()
+        return {"security": security, "keys": keys}
+
+    async def end(self, session: str) -> dict[str, Any]:
         """Tear an anchored session down everywhere (through the SMS)."""
-        status, reason = await self.send("sms", smig.End(session_id))
-        session = self.term.media.pop(session_id, None)
-        if session is not None:
-            await session.close("session ended")
+        status, reason = await self.send("sms", smig.End(session))
         if status != 200:
             raise CommandError(f"end refused: {status} {reason}")
-        return {"session": session_id, "status": status}
+        media = self.term.media.pop(session, None)
+        if media is not None:
+            await media.close("session ended")
+        return {"session": session, "status": status}

@@ -406,6 +406,14 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
                         help="Fig 3: move the call to terminal `to` (method reuse|renegotiate)")
         control.command("end", term.smig.end, required={"session": str},
                         help="end an anchored session everywhere (through the SMS)")
+        control.command("send_smig", term.smig.send_raw, required={"server": str, "body": str},
+                        help="send a hand-made SMIG body to the sms or presence")
+
+        async def export(call_id: str) -> dict[str, Any]:
+            return term.smig.export(call_id)
+
+        control.command("export_keys", export, required={"call_id": str},
+                        help="a call's security information and keys (lab tool)")
 
         async def status() -> dict[str, Any]:
             return term.status()
