@@ -108,7 +108,9 @@ def sipp_command(scenario: str | Path, remote: str | None, local_ip: str, local_
            "-t", "u1", "-nostdin", "-cp", str(free_port("127.0.0.1")),
            "-trace_stat", "-stf", str(workdir / f"{scen.stem}-{local_port}.csv"), "-fd", "1",
            "-trace_err", "-error_file", str(workdir / f"{scen.stem}-{local_port}-errors.log"),
-           "-max_recv_loops", "10000", "-max_sched_loops", "10000"]
+           "-max_recv_loops", "10000", "-max_sched_loops", "10000",
+           # SIPp's own socket buffers default to 64 KiB: too small for a burst of replies.
+           "-buff_size", str(4 * 1024 * 1024)]
     if inf is not None:
         cmd += ["-inf", str(inf)]
     if count is not None:

@@ -268,6 +268,9 @@ class Proxy:
             return
         self.counters[f"fwd-{req.method}"] += 1
         if req.method == "INVITE":
+            # RFC 6026: 2xx retransmissions reaching the Accepted client transaction
+            # go upstream too (the caller's ACK may have been lost).
+            ctx.on_2xx_retransmission = partial(self._relay_2xx, hop.endpoint, hop.addr)
             task = asyncio.ensure_future(self._relay_cancel(tx, hop.endpoint, ctx))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -310,6 +313,10 @@ class Proxy:
         hop = self._hop_to(binding)
         hop.endpoint.send_stateless(req.copy(), hop.addr)
         self.counters["fwd-ACK"] += 1
+
+    def _relay_2xx(self, ep: SipEndpoint, addr: Addr, resp: Response) -> None:
+        self.counters["fwd-2xx-retransmission"] += 1
+        self._on_stray_response(ep, resp, addr)
 
     def _on_stray_response(self, ep: SipEndpoint, resp: Response, addr: Addr) -> None:
         """A 2xx retransmission after our client transaction ended: pass it upstream, from

@@ -7,7 +7,9 @@ A transport moves octets only; ``SipEndpoint`` does the parsing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,6 +17,10 @@ log = logging.getLogger(__name__)
 Addr = tuple[str, int]
 Receiver = Callable[[bytes, Addr], None]
 MAX_DATAGRAM = 65535
+# Receive buffer asked for (the kernel doubles it and caps it at net.core.rmem_max): the
+# 208 KiB default holds under a hundred SIP datagrams, and a burst longer than that (a
+# proxy under load, a garbage-collection pause) is dropped and costs a retransmission.
+RCVBUF = 1024 * 1024
 
 
 class UdpTransport(asyncio.DatagramProtocol):
@@ -34,6 +40,9 @@ class UdpTransport(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        with contextlib.suppress(OSError):
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                          RCVBUF)
         sock = transport.get_extra_info("sockname")
         self.local_addr = (sock[0], sock[1])
 
