@@ -62,9 +62,12 @@ class Registrar:
     def _store(self, aor: str, bindings: list[Binding]) -> None:
         """Sets an AOR's bindings (none: forget it) and keeps the indexes in step."""
         old = self._bindings.get(aor, ())
-        _reindex(self._by_source, aor, [b.source for b in old], [b.source for b in bindings])
-        _reindex(self._by_contact, aor, [_contact_key(b) for b in old],
-                 [_contact_key(b) for b in bindings])
+        old_src, new_src = [b.source for b in old], [b.source for b in bindings]
+        if old_src != new_src:  # a refresh from the same place changes neither index
+            _reindex(self._by_source, aor, old_src, new_src)
+        old_dst, new_dst = [_contact_key(b) for b in old], [_contact_key(b) for b in bindings]
+        if old_dst != new_dst:
+            _reindex(self._by_contact, aor, old_dst, new_dst)
         if bindings:
             self._bindings[aor] = bindings
         else:

@@ -52,11 +52,12 @@ def validate_request(req: Request, policy: Policy | None = None) -> None:
     policy = policy or Policy()
     if req.version != "SIP/2.0":
         raise SipError(505, "Version Not Supported")
+    index = req.field_index()
     for key, name in MANDATORY.items():
-        if not req.has(key):
+        if key not in index:
             raise _bad(f"Missing {name}")
     for key in SINGLE_HEADERS:
-        if req.count(key) > 1:
+        if len(index.get(key, ())) > 1:
             raise _bad(f"Multiple {key} header fields")
     try:
         vias = req.vias

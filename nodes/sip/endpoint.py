@@ -7,6 +7,7 @@ async handler. UAs, a registrar and a stateful proxy are built on it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import secrets
@@ -41,6 +42,7 @@ def new_tag() -> str:
     return secrets.token_hex(6)
 
 
+@functools.lru_cache(maxsize=1024)  # bounded: hosts come from the network
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

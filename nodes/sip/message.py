@@ -120,6 +120,10 @@ class Message:
             self._cache["\0index"] = idx
             return idx
 
+    def field_index(self) -> dict[str, list[HeaderField]]:
+        """Fields grouped by canonical key (cached; read it, do not change it)."""
+        return self._index()
+
     def fields(self, name: str) -> list[HeaderField]:
         return list(self._index().get(header_key(name), ()))
 
