@@ -358,7 +358,7 @@ class Proxy:
         if key in self.secreg.assocs:  # refresh or deregistration over the channel
             self._bind(tx)
             if not self._bound_from(key):
-                self.secreg.drop_assoc(key, "deregistered")  # after its 200 went out
+                self.secreg.drop_assoc(key, "deregistered", after_answer=True)
             return
         self._drop(tx, "unregistered source")
 

@@ -51,6 +51,7 @@ log = logging.getLogger("secreg")
 SEC_AGREE = "sec-agree"
 SERVER_PORT_S = 5064  # the proxy's protected server port (receives terminals' requests)
 SERVER_PORT_C = 5066  # the proxy's protected client port (sends requests to terminals)
+LINGER = 0.5  # seconds SAs outlive the last answer sent through them
 
 
 class RegistrationError(Exception):
@@ -98,6 +99,7 @@ class SecRegServer:
         self.realm = config.domain
         self.pending: dict[Addr, Pending] = {}
         self.assocs: dict[Addr, Association] = {}
+        self._lingering: dict[int, tuple[asyncio.TimerHandle, SaSet]] = {}
 
     def _spis_in_use(self) -> set[int]:
         spis: set[int] = set()
@@ -197,12 +199,26 @@ class SecRegServer:
                          client=f"{key[0]}:{key[1]}")
         return [(k, self.assocs.pop(k)) for k in stale]
 
-    def drop_assoc(self, key: Addr, why: str) -> None:
+    def drop_assoc(self, key: Addr, why: str, after_answer: bool = False) -> None:
         assoc = self.assocs.pop(key, None)
         if assoc is not None:
-            _remove(self.ipsec, assoc.saset)
+            if after_answer:
+                self._remove_soon(assoc.saset)
+            else:
+                _remove(self.ipsec, assoc.saset)
             self.events.emit("sa-removed", terminal=assoc.terminal, why=why,
                              client=f"{key[0]}:{key[1]}")
+
+    def _remove_soon(self, saset: SaSet) -> None:
+        """The answer just sent still has to leave through these SAs (the userspace engine
+        encrypts on its own thread): remove them a moment later, not under its feet."""
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(LINGER, self._remove_now, saset)
+        self._lingering[id(saset)] = (handle, saset)
+
+    def _remove_now(self, saset: SaSet) -> None:
+        self._lingering.pop(id(saset), None)
+        _remove(self.ipsec, saset)
 
     def remove(self, assoc: Association, why: str) -> None:
         _remove(self.ipsec, assoc.saset)
@@ -213,6 +229,9 @@ class SecRegServer:
             if pend.timer is not None:
                 pend.timer.cancel()
         self.pending.clear()
+        for handle, _ in self._lingering.values():
+            handle.cancel()
+        self._lingering.clear()
         self.assocs.clear()  # the backend's close removes the SAs themselves
 
     def _expire(self, key: Addr) -> None:
@@ -224,7 +243,10 @@ class SecRegServer:
                              why="no protected REGISTER (wrong PSK fails ESP integrity)")
 
     def discard_pending(self, pend: Pending) -> None:
-        self._drop_pending(pend)
+        """A verified attempt the registrar refused: its answer went out on these SAs."""
+        if pend.timer is not None:
+            pend.timer.cancel()
+        self._remove_soon(pend.saset)
 
     def _drop_pending(self, pend: Pending) -> None:
         if pend.timer is not None:
@@ -234,7 +256,9 @@ class SecRegServer:
     def _fail(self, tx: ServerTransaction, pend: Pending, status: int, reason: str,
               detail: str) -> None:
         self._refuse(tx, status, reason, detail=detail, terminal=pend.terminal)
-        self._drop_pending(pend)  # after the answer: it travels on these SAs
+        if pend.timer is not None:
+            pend.timer.cancel()
+        self._remove_soon(pend.saset)  # after the answer: it travels on these SAs
         return None
 
     def _refuse(self, tx: ServerTransaction, status: int, reason: str, *,

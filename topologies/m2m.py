@@ -28,10 +28,15 @@ Plain Mininet loads it too (no kernel OVS datapath on some machines, hence the s
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from mininet.node import Host, Node
 from mininet.topo import Topo
+
+# mininet.log makes every logger created after it a MininetLogger (its own handler, no
+# propagation): give later loggers (ours) the standard class back.
+logging.setLoggerClass(logging.Logger)
 
 # `mn --custom` copies every global of this file into its own globals: keep names prefixed.
 # name -> (subnet prefix, dpid); the router is .1 on each.
