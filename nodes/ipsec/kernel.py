@@ -24,6 +24,7 @@ import select
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -290,6 +291,35 @@ def _error(what: str, exc: NetlinkError) -> IPsecError:
     return IPsecError(f"{what}: {reason}")
 
 
+class _SocketThread:
+    """An XfrmSocket that lives on a thread of its own, every call made there.
+
+    pyroute2's sync sockets drive an asyncio loop per thread, picking up the thread's running
+    loop if there is one; called from a node program's event loop they fail ("This event loop
+    is already running"). A dedicated thread has no running loop. Netlink calls are short, so
+    the caller just waits for each result."""
+
+    def __init__(self, factory: Callable[[], X.XfrmSocket]) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="xfrm")
+        try:
+            self._sock = self._pool.submit(factory).result()
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._sock, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: self._pool.submit(attr, *args, **kwargs).result()
+
+    def close(self) -> None:
+        try:
+            self._pool.submit(self._sock.close).result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class KernelBackend(IPsecBackend):
     """XFRM SAD/SPD of one namespace (see the module docstring)."""
 
@@ -305,7 +335,7 @@ class KernelBackend(IPsecBackend):
         self.netns = netns
         if netns is not None and not os.path.exists(f"/run/netns/{netns}"):
             raise IPsecError(f"no network namespace {netns!r} (/run/netns/{netns})")
-        self._sock = X.XfrmSocket(netns=netns)
+        self._sock = _SocketThread(lambda: X.XfrmSocket(netns=netns))
         self._sas: dict[tuple[str, int], SecurityAssociation] = {}
         self._policies: dict[tuple[Selector, Direction], Policy] = {}
         self._lock = threading.Lock()  # guards the two dicts (the listener updates them)
