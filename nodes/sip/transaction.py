@@ -112,6 +112,9 @@ class Transaction:
         if new.name == "TERMINATED":
             for t in self.timers.values():
                 t.cancel()
+            # Each Timer holds a bound method of this transaction: dropping them breaks the
+            # cycle, so a finished transaction is freed at once, not by a full GC pass.
+            self.timers.clear()
             self.owner._forget(self)
             if self._terminated is not None:
                 self._terminated.set()

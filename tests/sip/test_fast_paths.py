@@ -4,12 +4,15 @@ the parse cache consistent, URI equivalence of identical text, transactions' laz
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
 from nodes.sip.endpoint import SipEndpoint
 from nodes.sip.message import Request, parse_message
 from nodes.sip.timers import TimerConfig
+from nodes.sip.transaction import ServerTransaction
 from nodes.sip.transport import MemoryNetwork
 from nodes.sip.uri import SipUri
 
@@ -61,7 +64,7 @@ def test_lazy_events_of_transactions() -> None:
         a = SipEndpoint(net.transport(("10.0.1.10", 5060)), timers=TimerConfig.lab(0.01))
         seen = []
 
-        async def handler(tx):  # type: ignore[no-untyped-def]
+        async def handler(tx: ServerTransaction) -> None:
             seen.append(tx)
             tx.reply(200)
 
@@ -81,3 +84,38 @@ def test_lazy_events_of_transactions() -> None:
         await b.close()
 
     asyncio.run(main())
+
+
+def test_finished_transactions_are_freed_without_the_cycle_collector() -> None:
+    async def main() -> None:
+        net = MemoryNetwork()
+        cfg = TimerConfig.lab(0.005)
+        servers: list[weakref.ref[ServerTransaction]] = []
+
+        async def handler(tx: ServerTransaction) -> None:
+            servers.append(weakref.ref(tx))
+            tx.reply(200)
+
+        a = SipEndpoint(net.transport(("10.0.1.10", 5060)), timers=cfg)
+        b = SipEndpoint(net.transport(("10.0.2.10", 5060)), handler, timers=cfg)
+        req = Request("REGISTER", "sip:m2m.example", [
+            ("From", "<sip:a1@m2m.example>;tag=1"), ("To", "<sip:a1@m2m.example>"),
+            ("Call-ID", "r1"), ("CSeq", "1 REGISTER")])
+        ctx = a.client_transaction(req, ("10.0.2.10", 5060))
+        client = weakref.ref(ctx)
+        assert (await ctx.final()).status == 200
+        del ctx
+        deadline = asyncio.get_running_loop().time() + 5
+        while (a.transaction_count or b.transaction_count) and \
+                asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        assert client() is None and servers[0]() is None  # refcounting alone freed them
+        await a.close()
+        await b.close()
+
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
