@@ -21,7 +21,11 @@ server sustains: an open-loop rate above capacity only overflows socket buffers 
 retransmission collapse. The failure count is printed beside each rate; a rate with
 failures is flagged, since it is not a sustained 0-failure figure. REGISTERs cycle over
 `--aors` distinct AORs (t0000...), so most are refreshes of existing bindings, as in a
-deployment. No timing is asserted anywhere: this prints figures, it does not test them.
+deployment. The proxy keeps each completed REGISTER transaction for Timer J (32 s) to
+absorb retransmissions, so a run shorter than that measures a growing process; pass
+`--registers 150000` (about a minute) for the steady state, which is lower (garbage-collector
+work grows with the transactions held). No timing is asserted anywhere: this prints figures,
+it does not test them.
 
     .venv/bin/python bench/run.py [--registers 20000] [--calls 5000] [--window 100]
 """
