@@ -36,6 +36,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 CAPTURES = PROJECT / "captures"
 VENV_PYTHON = PROJECT / ".venv" / "bin" / "python"
 PROBE_PORT = 9000
+# Slow machines (the kernel-path VM runs under QEMU/TCG) stretch every wait_until() timeout.
+TIMEOUT_SCALE = float(os.environ.get("SMIG_TIMEOUT_SCALE") or 1)
 DEFAULT_CONFIG = PROJECT / "config" / "lab.json"
 DEFAULT_CREDENTIALS = PROJECT / "config" / "credentials.json"
 
@@ -49,6 +51,7 @@ def wait_until(
     predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
 ) -> Any:
     """Poll `predicate` until it returns something truthy; TimeoutError names `what`."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -119,11 +122,15 @@ class Lab:
         run_dir: Path | None = None,
         capture: bool = True,
         mininet_log: str = "warning",
+        ctl_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.run_dir = run_dir
         self.capture = capture
         self.mininet_log = mininet_log
+        # Control sockets; default <run>/ctl. A run folder on 9p/virtiofs (the VM's) cannot
+        # hold Unix sockets, so the caller may put them elsewhere.
+        self.ctl_dir = ctl_dir
         self.requested_links = links or {}
         self.caps: Capabilities | None = None
         self.net: Any = None
@@ -315,7 +322,7 @@ class Lab:
         """Start a node program (`python -m <module>`) in `host` with its event log and
         control socket in the run folder; returns the control client once it answers."""
         assert self.run_dir is not None
-        ctl_dir = self.run_dir / "ctl"
+        ctl_dir = self.ctl_dir or self.run_dir / "ctl"
         ctl_dir.mkdir(exist_ok=True)
         sock = ctl_dir / f"{name}.sock"
         events = self.run_dir / "events" / f"{name}.jsonl"
@@ -359,7 +366,8 @@ class Lab:
 
     def start_terminal(self, name: str, mode: str = "ipsec-m2ms", config: Path | None = None,
                        t1: float = 0.1, credentials: Path | None = None,
-                       media_once: bool = False) -> NodeControl:
+                       media_once: bool = False, auto_switch: str = "off",
+                       media_timeout: float = 0.3) -> NodeControl:
         assert self.run_dir is not None
         media = self.run_dir / "media"
         media.mkdir(exist_ok=True)
@@ -369,6 +377,9 @@ class Lab:
             "--proxy", address("proxy", "core"), "--mode", mode, "--t1", str(t1),
             "--config", str(config or DEFAULT_CONFIG), "--log-level", "INFO",
             "--media-dir", str(media), *(["--media-once"] if media_once else []),
+            *[arg for net, _ in M2M_HOSTS[name]
+              for arg in ("--iface", f"{name}-{net}={address(name, net)}")],
+            "--auto-switch", auto_switch, "--media-timeout", str(media_timeout),
             *self._security_args(credentials)])
 
     def start_probe(self, rate: float = 50.0) -> tuple[Path, Path]:

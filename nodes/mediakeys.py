@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from nodes.ipsec.api import IPPROTO_UDP, Direction, Policy, SecurityAssociation, Selector
+from nodes.ipsec.api import ANY, IPPROTO_UDP, Direction, Policy, SecurityAssociation, Selector
 from nodes.sip.sdp import Media
 
 ATTRIBUTE = "m2m-key"
@@ -259,9 +259,11 @@ def media_sas(role: Role, offer: M2mKey, answer: M2mKey, call_id: str, mline_ind
     out_sa = SecurityAssociation(local_ip, remote_ip, out_spi, offer.ealg, send.enc_key,
                                  offer.alg, send.auth_key,
                                  selector=Selector(local_ip, remote_ip, IPPROTO_UDP))
+    # The inbound SA takes the peer from any address: when the peer moves to another
+    # interface (Fig 4), its packets keep matching while our policies follow it.
     in_sa = SecurityAssociation(remote_ip, local_ip, in_spi, offer.ealg, recv.enc_key,
                                 offer.alg, recv.auth_key,
-                                selector=Selector(remote_ip, local_ip, IPPROTO_UDP))
+                                selector=Selector(ANY, local_ip, IPPROTO_UDP))
     ports = ((local_rtp_port, remote_rtp_port), (local_rtp_port + 1, remote_rtp_port + 1))
     policies = [Policy(Selector(local_ip, remote_ip, IPPROTO_UDP, lp, rp), Direction.OUT,
                        local_ip, remote_ip, spi=out_spi) for lp, rp in ports]

@@ -16,10 +16,12 @@ runs without keys.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nodes.events import EventLog
+from nodes.ipsec.api import ANY, IPPROTO_UDP, Direction, Policy, Selector
 from nodes.ipsec.node import NodeIpsec
 from nodes.media import Receiver, VideoSender, VoiceSender
 from nodes.mediakeys import (
@@ -68,6 +70,7 @@ class MediaSession:
         self._receiving = False
         self._rekey_local: M2mKey | None = None  # our fresh key during a rekey
         self._rekey_new: MediaSaSet | None = None
+        self._old_inbound: tuple[Any, list[Policy]] | None = None  # until a move finishes
 
     # -- SDP -----------------------------------------------------------------------------------
     def sdp(self) -> bytes:
@@ -151,7 +154,13 @@ class MediaSession:
         else:
             self.receiver.rtp_socket.close()
         if self.saset is not None and self.ipsec is not None:
-            self.ipsec.remove(self.saset.sas, self.saset.policies)
+            policies = list(self.saset.policies)
+            if self.remote is not None:  # after a move (Fig 4) the policies name new addresses
+                policies += self._in_policies(self.remote[0], self.local_ip)
+                policies += self._out_policies(self.local_ip, self.remote[0],
+                                               self.saset.outbound.spi)
+            self.finish_move()
+            self.ipsec.remove(self.saset.sas, policies)
             self.events.emit("fig2-media-sas-removed", call_id=self.call_id, why=why)
             self.saset = None
 
@@ -236,6 +245,113 @@ class MediaSession:
         self.ipsec.remove([self.saset.inbound], [])
         self.saset, self._rekey_new, self._rekey_local = new, None, None
         self.keys = None
+
+    # -- Fig 4: the same keys on another address ----------------------------------------------
+    def _port_pairs(self) -> list[tuple[int, int]]:
+        assert self.remote is not None
+        lp, rp = self.local_port, self.remote[1]
+        return [(lp, rp), (lp + 1, rp + 1)]
+
+    def _in_policies(self, remote_ip: str, local_ip: str) -> list[Policy]:
+        return [Policy(Selector(remote_ip, local_ip, IPPROTO_UDP, rp, lp), Direction.IN,
+                       remote_ip, local_ip) for lp, rp in self._port_pairs()]
+
+    def _out_policies(self, local_ip: str, remote_ip: str, spi: int) -> list[Policy]:
+        return [Policy(Selector(local_ip, remote_ip, IPPROTO_UDP, lp, rp), Direction.OUT,
+                       local_ip, remote_ip, spi=spi) for lp, rp in self._port_pairs()]
+
+    def prepare_move_local(self, new_ip: str) -> None:
+        """Moving side, first (before the peer sends there): receive on `new_ip` too — a copy
+        of the inbound SA at the new address, and IN policies for it."""
+        if self.ipsec is None or self.saset is None:
+            return
+        assert self.remote is not None
+        inbound = replace(self.saset.inbound, dst=new_ip, seq=0, replay_top=0, stats={},
+                          selector=Selector(ANY, new_ip, IPPROTO_UDP))
+        self.ipsec.install([inbound], self._in_policies(self.remote[0], new_ip))
+        self._old_inbound = (self.saset.inbound, self._in_policies(self.remote[0],
+                                                                   self.local_ip))
+        self.saset = replace(self.saset, inbound=inbound)
+
+    def move_local(self, new_ip: str) -> None:
+        """Moving side: outbound SA re-addressed with its sequence number kept, policies for
+        the new source, then the sender — no packet is sent in between (same loop)."""
+        assert self.remote is not None
+        old_ip = self.local_ip
+        if self.ipsec is not None and self.saset is not None:
+            out = self.saset.outbound
+            moved = self.ipsec.move_sa(out, new_ip, out.dst,
+                                       Selector(new_ip, out.dst, IPPROTO_UDP))
+            self.ipsec.add_policies(self._out_policies(new_ip, self.remote[0], moved.spi))
+            self.saset = replace(self.saset, outbound=moved)
+        if self.sender is not None:
+            self.sender.retarget(self.remote, local_ip=new_ip)
+        if self.ipsec is not None and self.saset is not None:
+            self.ipsec.remove([], self._out_policies(old_ip, self.remote[0],
+                                                     self.saset.outbound.spi))
+        self.local_ip = new_ip
+        self.events.emit("media-moved", session=self.call_id, side="local", old=old_ip,
+                         new=new_ip)
+
+    def move_remote(self, new_ip: str) -> None:
+        """Peer side: accept the peer from its new address, send there (outbound SA moved,
+        sequence kept), stop sending to the old one."""
+        assert self.remote is not None
+        old_ip, port = self.remote
+        if self.ipsec is not None and self.saset is not None:
+            self.ipsec.add_policies(self._in_policies(new_ip, self.local_ip))
+            out = self.saset.outbound
+            moved = self.ipsec.move_sa(out, out.src, new_ip,
+                                       Selector(out.src, new_ip, IPPROTO_UDP))
+            self.ipsec.add_policies(self._out_policies(self.local_ip, new_ip, moved.spi))
+            self.saset = replace(self.saset, outbound=moved)
+            self._old_inbound = (None, self._in_policies(old_ip, self.local_ip))
+        self.remote = (new_ip, port)
+        if self.sender is not None:
+            self.sender.retarget(self.remote)
+        if self.ipsec is not None and self.saset is not None:
+            self.ipsec.remove([], self._out_policies(self.local_ip, old_ip,
+                                                     self.saset.outbound.spi))
+        self.events.emit("media-moved", session=self.call_id, side="remote", old=old_ip,
+                         new=new_ip)
+
+    def renegotiate(self, role: Role, mine: M2mKey, theirs: M2mKey,
+                    local_ip: str | None = None, remote: tuple[str, int] | None = None) -> None:
+        """Baseline B2 (classic SIP mobility): fresh keys and SPIs on the new address from a
+        re-INVITE's offer/answer; then the old SAs go."""
+        assert self.remote is not None
+        old_sas = list(self.saset.sas) if self.saset else []
+        old_pols: list[Policy] = []
+        if self.saset is not None:
+            old_pols = [*self.saset.policies, *self._in_policies(self.remote[0], self.local_ip),
+                        *self._out_policies(self.local_ip, self.remote[0],
+                                            self.saset.outbound.spi)]
+        self.role, self.local_key, self.remote_key, self.keys = role, mine, theirs, None
+        if local_ip is not None:
+            self.local_ip = local_ip
+        if remote is not None:
+            self.remote = remote
+        if self.ipsec is not None:
+            offer, answer = self._offer_answer(mine, theirs)
+            self.saset = media_sas(role, offer, answer, self.call_id, 0, self.local_ip,
+                                   self.local_port, self.remote[0], self.remote[1])
+            self.ipsec.install(self.saset.sas, self.saset.policies)
+        if self.sender is not None:
+            self.sender.retarget(self.remote, local_ip=local_ip)
+        if self.ipsec is not None:
+            keep = set(self.saset.policies) if self.saset else set()
+            self.ipsec.remove(old_sas, [p for p in old_pols if p not in keep])
+        self.events.emit("media-renegotiated", session=self.call_id,
+                         local=self.local_ip, remote=f"{self.remote[0]}:{self.remote[1]}")
+
+    def finish_move(self) -> None:
+        """Both ends switched: what served the old address goes."""
+        old = getattr(self, "_old_inbound", None)
+        if old is None or self.ipsec is None:
+            return
+        sa, policies = old
+        self.ipsec.remove([sa] if sa is not None else [], policies)
+        self._old_inbound = None
 
     def spis(self) -> set[int]:
         return {sa.spi for sa in self.saset.sas} if self.saset else set()

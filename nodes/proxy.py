@@ -93,6 +93,7 @@ class Proxy:
         self.registrar = Registrar(lambda aor: config.terminal_of(aor) is not None)
         self.trusted = set(config.servers.values()) - {listen}
         self.endpoint: SipEndpoint | None = None
+        self.link_moved: dict[str, Binding] = {}  # AOR -> binding it moved to (Fig 4)
         self._tasks: set[asyncio.Future[None]] = set()
 
     # -- life cycle -------------------------------------------------------------------------
@@ -210,11 +211,16 @@ class Proxy:
             binding = max(bindings, key=lambda b: b.registered_ns)
             req.set_uri(binding.contact.uri)
             return self._hop_to(binding)
-        # In-dialog: the Request-URI is a terminal's contact.
+        # In-dialog: the Request-URI is a terminal's contact — or where it moved (Fig 4).
         binding = self._binding_for_contact(uri)
         if binding is None:
             tx.reply(404, "Unknown target")
             return None
+        moved = self.link_moved.get(binding.aor)
+        if moved is not None and moved is not binding and moved in self.registrar.bindings(
+                binding.aor):
+            binding = moved
+            req.set_uri(binding.contact.uri)
         return self._hop_to(binding)
 
     def _allowed(self, req: Request, tx: ServerTransaction) -> bool:
@@ -348,10 +354,20 @@ class Proxy:
             pend = self.secreg.verify(tx)
             if pend is None:
                 return
+            try:
+                moving = self._link_switch_sessions(req)
+            except ValueError as exc:
+                self.events.emit("register-refused", status=400, reason=str(exc),
+                                 source=list(key))
+                tx.reply(400, "Bad link-switch body")
+                self.secreg.discard_pending(pend)
+                return
             if self._bind(tx) == 200:
                 for old_key, old in self.secreg.promote(key, pend, time.time_ns()):
                     self.registrar.remove_source(old_key)
                     self.secreg.remove(old, "re-registration")
+                if moving:
+                    self._link_switch(req, key, moving)
             else:
                 self.secreg.discard_pending(pend)
             return
@@ -361,6 +377,30 @@ class Proxy:
                 self.secreg.drop_assoc(key, "deregistered", after_answer=True)
             return
         self._drop(tx, "unregistered source")
+
+    @staticmethod
+    def _link_switch_sessions(req: Request) -> list[str]:
+        """Fig 4: a protected REGISTER may carry the sessions to move (ValueError if the
+        body is not a well-formed link-switch request)."""
+        ctype = req.content_type
+        if not req.body or ctype is None or ctype.mime != smig.CONTENT_TYPE:
+            return []
+        return smig.parse_link_switch_body(req.body)
+
+    def _link_switch(self, req: Request, source: Addr, sessions: list[str]) -> None:
+        """Right after the registration completes, the REGISTER is the switch request: the
+        SMS configures both ends. In-dialog requests for the terminal follow it too."""
+        term = self.config.terminal_of(str(req.to.uri)) if req.to else None
+        if term is None:
+            return
+        binding = next((b for b in self.registrar.bindings(self.config.aor(term.name))
+                        if b.source == source), None)
+        if binding is not None:
+            self.link_moved[binding.aor] = binding
+        self.events.emit("fig4", step="link-switch-register", terminal=term.name,
+                         sessions=sessions, address=source[0])
+        for session in sessions:
+            self._notify("sms", smig.LinkSwitch(session, term.name, source[0]))
 
     def _bound_from(self, source: Addr) -> bool:
         return self.registrar.bound_from(source)

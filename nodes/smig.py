@@ -175,6 +175,51 @@ class End(Smig):
     reason: str | None = None
 
 
+# -- Fig 4 ------------------------------------------------------------------------------------
+@dataclass(frozen=True, repr=False)
+class LinkSwitch(Smig):
+    """A terminal now has `address` (a new interface) for this session: from the proxy right
+    after the link-switch REGISTER (the proposal), or from the terminal itself (baseline B1)."""
+
+    TYPE: ClassVar[str] = "link-switch"
+    terminal: str
+    address: str
+
+
+@dataclass(frozen=True, repr=False)
+class LinkConfig(Smig):
+    """Session configuration for a link switch: same terminals, same keys; `terminal`
+    moves from `old_address` to `address`."""
+
+    TYPE: ClassVar[str] = "link-config"
+    terminal: str
+    address: str
+    old_address: str
+
+
+def parse_link_switch_body(data: bytes) -> list[str]:
+    """The body of a link-switch REGISTER: {"type": "link-switch", "sessions": [...]}."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"link-switch body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict) or body.get("type") != "link-switch":
+        raise ValueError('link-switch body must be {"type": "link-switch", "sessions": [...]}')
+    unknown = sorted(set(body) - {"type", "sessions"})
+    if unknown:
+        raise ValueError(f"link-switch: unknown field(s) {', '.join(unknown)}")
+    sessions = body.get("sessions")
+    if (not isinstance(sessions, list) or not sessions
+            or not all(isinstance(s, str) and s for s in sessions)):
+        raise ValueError("link-switch: 'sessions' must be a non-empty array of Call-IDs")
+    return sessions
+
+
+def link_switch_body(sessions: list[str]) -> bytes:
+    return json.dumps({"type": "link-switch", "sessions": sessions},
+                      separators=(",", ":")).encode()
+
+
 # -- presence -------------------------------------------------------------------------------
 @dataclass(frozen=True, repr=False)
 class PresenceQuery(Smig):
@@ -199,7 +244,7 @@ class PresenceResult(Smig):
 TYPES: dict[str, type[Smig]] = {
     cls.TYPE: cls for cls in (SessionEstablished, Registration, SwitchRequest, SwitchResponse,
                               SwitchRefused, SessionConfig, SwitchComplete, SwitchDone, Rekey,
-                              End, PresenceQuery, PresenceResult)
+                              End, LinkSwitch, LinkConfig, PresenceQuery, PresenceResult)
 }
 
 

@@ -56,6 +56,15 @@ class SmigAgent:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def expect(self, session: str) -> asyncio.Future[smig.Smig]:
+        """A future for the SMS's verdict on `session` (switch-done or switch-refused)."""
+        waiter: asyncio.Future[smig.Smig] = asyncio.get_running_loop().create_future()
+        self._switches[session] = waiter
+        return waiter
+
+    def forget(self, session: str) -> None:
+        self._switches.pop(session, None)
+
     # -- step (1): the initiator ----------------------------------------------------------------
     async def switch(self, call_id: str, to: str, media: str = "video",
                      method: str = "reuse") -> dict[str, Any]:
@@ -98,7 +107,15 @@ class SmigAgent:
             self.term.events.emit("smig-refused", status=400, why=str(exc))
             tx.reply(400, "Bad SMIG body")
             return
+        if isinstance(msg, smig.LinkConfig):
+            try:  # Fig 4: the moving side must be able to receive before it says yes
+                self.term.linkswitch.prepare(msg)
+            except (MediaError, ValueError) as exc:
+                self.term.events.emit("smig-refused", status=481, why=str(exc))
+                tx.reply(481, "No such session here")
+                return
         handler = {
+            smig.LinkConfig: self.term.linkswitch.on_link_config,
             smig.SwitchRequest: self._on_switch_request,
             smig.PresenceResult: self._on_presence_result,
             smig.SessionConfig: self._on_session_config,
@@ -229,6 +246,8 @@ class SmigAgent:
                 await term.hangup(msg.session)
             return
         session = term.media.get(msg.session)
+        if session is not None:
+            session.finish_move()  # a link switch: drop what served the old address
         if session is not None and session.role is Role.OFFERER and session.keys is not None:
             # Step (9): the reused keys crossed the network; replace them.
             mine = session.rekey_offer(term._spis_in_use())

@@ -79,7 +79,7 @@ class SessionManager(SmigServer):
             smig.SessionEstablished: self._established, smig.Registration: self._registration,
             smig.SwitchRequest: self._switch_request, smig.SwitchResponse: self._switch_response,
             smig.SwitchComplete: self._switch_complete, smig.Rekey: self._rekey,
-            smig.End: self._end,
+            smig.End: self._end, smig.LinkSwitch: self._link_switch,
         }
         handler = handlers.get(type(msg))
         try:
@@ -91,6 +91,10 @@ class SessionManager(SmigServer):
             self.events.emit("refused", type=msg.TYPE, session=msg.session, sender=sender,
                              status=exc.status, reason=exc.reason)
             tx.reply(exc.status, exc.reason)
+            if isinstance(msg, smig.LinkSwitch) and sender == "proxy" and \
+                    msg.terminal in self.config.terminals:
+                # The terminal registered fine; tell it that nothing will switch.
+                self.send(msg.terminal, smig.SwitchRefused(msg.session, exc.reason))
             return
         tx.reply(200)
 
@@ -219,6 +223,44 @@ class SessionManager(SmigServer):
             self.send(terminal, done)
         self.events.emit("fig3-switched", session=session.id, terminals=sorted(sw.new.values()),
                          took_ns=time.time_ns() - sw.started_ns, method=sw.method)
+
+    def _link_switch(self, msg: smig.LinkSwitch, sender: str) -> None:
+        """Fig 4: a terminal has a new address for the session. Session configuration to both
+        ends right away (same terminals, same keys: no security information needed)."""
+        if sender not in ("proxy", msg.terminal):
+            raise Refusal(403, "A link switch comes from the proxy or the terminal itself")
+        session = self._session_of(msg.session, msg.terminal)
+        if session.switch is not None:
+            raise Refusal(491, "A switch is already in progress")
+        old = self.addresses.get(msg.terminal)
+        if old is None:
+            raise Refusal(480, f"{msg.terminal} has no registered address")
+        self.addresses[msg.terminal] = msg.address
+        sw = Switch(msg.terminal, "link", "reuse", dict(session.terminals),
+                    dict(session.terminals), None, None, time.time_ns())
+        sw.timer = asyncio.get_running_loop().call_later(SWITCH_TIMEOUT, self._timeout,
+                                                         session.id)
+        session.switch = sw
+        self.events.emit("fig4", step="link-switch", session=session.id, terminal=msg.terminal,
+                         address=msg.address, via=sender)
+        cfg = smig.LinkConfig(session.id, msg.terminal, msg.address, old)
+        peer = next(t for t in session.terminals.values() if t != msg.terminal)
+        task = asyncio.ensure_future(self._configure_link(cfg, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _configure_link(self, cfg: smig.LinkConfig, peer: str) -> None:
+        """The moving terminal first: its 200 means it can receive on the new address, so the
+        peer may start sending there (make before break)."""
+        self.events.emit("fig4", step="link-config", session=cfg.session, to=cfg.terminal)
+        status = await self.send(cfg.terminal, cfg)
+        if status != 200:
+            session = self.sessions.get(cfg.session)
+            if session is not None:
+                self._abort(session, f"{cfg.terminal} could not take the link config")
+            return
+        self.send(peer, cfg)
+        self.events.emit("fig4", step="link-config", session=cfg.session, to=peer)
 
     def _rekey(self, msg: smig.Rekey, sender: str) -> None:
         """Step (9) (and the baseline's negotiation): relay to the other participant."""

@@ -33,6 +33,7 @@ from nodes.control import CommandError, ControlServer
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import ConfigError, Credentials, LabConfig
+from nodes.linkswitch import LinkSwitcher
 from nodes.mediakeys import Role
 from nodes.mediasession import MediaError, MediaSession
 from nodes.secreg import ClientChannel, RegistrationError, SecRegClient
@@ -63,13 +64,21 @@ class Terminal:
         mode: str = "open",
         psk: bytes | None = None,
         ipsec: NodeIpsec | None = None,
+        interfaces: dict[str, str] | None = None,
     ) -> None:
         if config.terminal_of(name) is None:
             raise ValueError(f"terminal {name!r} is not in {config.source}")
         if mode == "ipsec-m2ms" and (psk is None or ipsec is None):
             raise ValueError("ipsec-m2ms mode needs a PSK and an IPsec backend")
-        self.mode, self.ipsec = mode, ipsec
-        self.channel: ClientChannel | None = None
+        self.mode, self.ipsec, self._psk = mode, ipsec, psk
+        # interface name -> address; the SIP channel and media use `active_ip` (Fig 4 moves it)
+        self.interfaces = dict(interfaces or {})
+        if local_ip not in self.interfaces.values():
+            self.interfaces[f"{name}-primary"] = local_ip
+        self.active_ip = local_ip
+        self.channels: dict[str, ClientChannel] = {}  # local address -> protected channel
+        self._secregs: dict[str, SecRegClient] = {}
+        self._plains: dict[str, SipEndpoint] = {}
         self.name, self.config = name, config
         self.aor = config.aor(name)
         self.local_ip, self.port, self.proxy = local_ip, port, proxy
@@ -78,12 +87,11 @@ class Terminal:
         self.media: dict[str, MediaSession] = {}  # call-id -> its secure data channel
         self._media_log: EventLog | None = None
         self._wavs = 0
-        self.smig = SmigAgent(self)
         self.events = events or EventLog(name)
+        self.smig = SmigAgent(self)
         self.timers = timers or TimerConfig()
-        self.secreg = (SecRegClient(ipsec, config.aor(name), psk, local_ip, proxy[0],
-                                    self.events, self._make_endpoint)
-                       if ipsec is not None and psk is not None else None)
+        self.secreg = self._secreg_for(local_ip) if ipsec is not None else None
+        self.linkswitch = LinkSwitcher(self)
         self.counters: Counter[str] = Counter()
         self.ua: UserAgent | None = None
         self.plain: SipEndpoint | None = None  # port 5060: where Fig 1 starts
@@ -92,6 +100,24 @@ class Terminal:
         self._reg_call_id = f"reg-{new_tag()}@{local_ip}"
         self._reg_cseq = 0
         self.messages: list[dict[str, Any]] = []
+
+    @property
+    def channel(self) -> ClientChannel | None:
+        """The protected channel in use (on the active interface)."""
+        return self.channels.get(self.active_ip)
+
+    def _secreg_for(self, ip: str) -> SecRegClient:
+        if ip not in self._secregs:
+            assert self.ipsec is not None and self._psk is not None
+            self._secregs[ip] = SecRegClient(self.ipsec, self.aor, self._psk, ip,
+                                             self.proxy[0], self.events, self._make_endpoint)
+        return self._secregs[ip]
+
+    async def _plain_for(self, ip: str) -> SipEndpoint:
+        """Port 5060 on that address: where Fig 1 starts."""
+        if ip not in self._plains:
+            self._plains[ip] = self._make_endpoint(await UdpTransport.create(ip, self.port))
+        return self._plains[ip]
 
     def _make_endpoint(self, transport: UdpTransport) -> SipEndpoint:
         """An endpoint of the protected channel, served by the same UA core."""
@@ -107,6 +133,7 @@ class Terminal:
         self.ua = UserAgent(endpoint, self.aor, on_request=self._on_request)
         self.ua.on_ack = self._on_ack
         self.plain = endpoint
+        self._plains[self.local_ip] = endpoint
         self.events.emit("terminal-started", aor=self.aor, local=f"{self.local_ip}:{self.port}",
                          proxy=f"{self.proxy[0]}:{self.proxy[1]}")
 
@@ -117,22 +144,27 @@ class Terminal:
             for session in list(self.media.values()):  # switched-in sessions have no dialog
                 await session.close("terminal stopped")
             self.media.clear()
-            if self.channel is not None and self.secreg is not None:
-                await self.secreg.close_channel(self.channel)
-                self.channel = None
-            if self.plain is not None:
-                await self.plain.close()
+            await self.linkswitch.disarm()
+            for ip, channel in list(self.channels.items()):
+                await self._secreg_for(ip).close_channel(channel)
+            self.channels.clear()
+            for plain in self._plains.values():
+                await plain.close()
             self.ua = None
 
     # -- commands ---------------------------------------------------------------------------
-    def _build_register(self, expires: int, contact: Addr) -> Request:
+    def _build_register(self, expires: int, contact: Addr, body: bytes | None = None
+                        ) -> Request:
         self._reg_cseq += 1
         user = self.aor.removeprefix("sip:").split("@")[0]
-        return Request("REGISTER", f"sip:{self.config.domain}", [
+        req = Request("REGISTER", f"sip:{self.config.domain}", [
             ("From", f"<{self.aor}>;tag={new_tag()}"), ("To", f"<{self.aor}>"),
             ("Call-ID", self._reg_call_id), ("CSeq", f"{self._reg_cseq} REGISTER"),
             ("Contact", f"<sip:{user}@{contact[0]}:{contact[1]}>"), ("Expires", str(expires)),
         ])
+        if body is not None:  # Fig 4: the sessions to move ride on the registration
+            req.set_body(body, smig.CONTENT_TYPE)
+        return req
 
     async def register(self, expires: int = 3600) -> dict[str, Any]:
         if not 0 <= expires <= 86400:
@@ -151,36 +183,47 @@ class Terminal:
         self.events.emit("register-done", status=resp.status, expires=expires)
         return {"status": resp.status, "reason": resp.reason}
 
-    async def _register_secure(self, expires: int) -> dict[str, Any]:
-        """Fig 1 (sec-agree with the PSK); a re-registration gets a fresh channel and the old
-        one's SAs go only once the new one has carried the 200."""
-        assert self.secreg is not None and self.ua is not None and self.plain is not None
-        old = self.channel
+    async def register_via(self, ip: str, body: bytes | None = None) -> dict[str, Any]:
+        """Register through another interface and make it the active one (Fig 4)."""
+        return await self._register_secure(3600, ip, body)
+
+    async def _register_secure(self, expires: int, ip: str | None = None,
+                               body: bytes | None = None) -> dict[str, Any]:
+        """Fig 1 (sec-agree with the PSK) through the interface with address `ip`; a
+        re-registration gets a fresh channel and the old one's SAs go only once the new one
+        has carried the 200."""
+        assert self.ua is not None and self.plain is not None
+        ip = ip or self.active_ip
+        secreg = self._secreg_for(ip)
+        old = self.channels.get(ip)
         if expires == 0:
             if old is None:
                 raise CommandError("not registered")
-            self.channel = None
-            self.registered = False
-            resp = await self.secreg.unregister(old, partial(self._build_register, 0))
-            self.ua.endpoint = self.plain
+            del self.channels[ip]
+            self.registered = bool(self.channels)
+            resp = await secreg.unregister(old, partial(self._build_register, 0))
+            if self.channel is None:
+                self.ua.endpoint = self.plain
             status = resp.status if resp is not None else None
             self.events.emit("register-done", status=status, expires=0)
             return {"status": status, "reason": resp.reason if resp else "no answer"}
-        in_use = {sa.spi for sa in old.saset.sas} if old else set()
+        in_use = {sa.spi for c in self.channels.values() for sa in c.saset.sas}
         try:
-            channel, resp = await self.secreg.register(
-                self.plain, partial(self._build_register, expires), expires, in_use)
+            channel, resp = await secreg.register(
+                await self._plain_for(ip), partial(self._build_register, expires, body=body),
+                expires, in_use)
         except RegistrationError as exc:
-            self.events.emit("register-failed", error=str(exc))
+            self.events.emit("register-failed", error=str(exc), address=ip)
             raise CommandError(str(exc)) from None
-        self.channel = channel
+        self.channels[ip] = channel
+        self.active_ip = ip
         self.ua.endpoint = channel.ep_c
         user = self.aor.removeprefix("sip:").split("@")[0]
-        self.ua.contact = SipUri(self.local_ip, user, port=channel.ep_s.local_addr[1])
+        self.ua.contact = SipUri(ip, user, port=channel.ep_s.local_addr[1])
         if old is not None:
-            await self.secreg.close_channel(old)
+            await secreg.close_channel(old)
         self.registered = True
-        self.events.emit("register-done", status=resp.status, expires=expires,
+        self.events.emit("register-done", status=resp.status, expires=expires, address=ip,
                          port_c=channel.ep_c.local_addr[1], port_s=channel.ep_s.local_addr[1])
         return {"status": resp.status, "reason": resp.reason,
                 "spis": sorted(sa.spi for sa in channel.saset.sas)}
@@ -212,7 +255,7 @@ class Terminal:
                             self.media_wav(), self.media_loop, self._spis_in_use())
 
     def _spis_in_use(self) -> set[int]:
-        spis = {sa.spi for sa in self.channel.saset.sas} if self.channel else set()
+        spis = {sa.spi for c in self.channels.values() for sa in c.saset.sas}
         for m in self.media.values():
             spis |= m.spis()
         return spis
@@ -316,6 +359,8 @@ class Terminal:
             self.messages.append(record)
             self.events.emit("message-received", **record)
             tx.reply(200)
+        elif req.method == "INVITE" and dlg is not None:  # re-INVITE (baseline B2)
+            self.linkswitch.on_reinvite(tx, dlg.call_id)
         elif req.method == "BYE" and dlg is not None:
             self.calls.pop(dlg.call_id, None)
             await self._end_media(dlg.call_id, "BYE")
@@ -389,8 +434,11 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
                  ipsec: NodeIpsec | None, events: EventLog, timers: TimerConfig) -> int:
     term = Terminal(args.name, config, args.local, (args.proxy, args.proxy_port), args.port,
                     events, timers, Path(args.media_dir) if args.media_dir else None,
-                    not args.media_once, mode=args.mode, psk=psk, ipsec=ipsec)
+                    not args.media_once, mode=args.mode, psk=psk, ipsec=ipsec,
+                    interfaces=dict(args.iface))
     await term.start()
+    if args.auto_switch != "off":
+        await term.linkswitch.arm(args.auto_switch, args.media_timeout)
     control = ControlServer(args.control, args.name) if args.control else None
     if control is not None:
         control.command("register", term.register, optional={"expires": int},
@@ -406,6 +454,10 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
                         help="Fig 3: move the call to terminal `to` (method reuse|renegotiate)")
         control.command("end", term.smig.end, required={"session": str},
                         help="end an anchored session everywhere (through the SMS)")
+        control.command("link_switch", term.linkswitch.switch, required={"via": str},
+                        optional={"method": str},
+                        help="Fig 4: move every session to interface `via` "
+                        "(method proposed | register-then-switch | reinvite)")
         control.command("send_smig", term.smig.send_raw, required={"server": str, "body": str},
                         help="send a hand-made SMIG body to the sms or presence")
 
@@ -434,6 +486,14 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
     return 0
 
 
+def _iface(text: str) -> tuple[str, str]:
+    name, sep, ip = text.partition("=")
+    parts = ip.split(".")
+    if not sep or not name or len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected IFNAME=IPV4, got {text!r}")
+    return name, ip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodes.terminal",
                                      description="smig-lab terminal (SIP UA)")
@@ -453,6 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", help="Unix socket path for the control interface")
     parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")
     parser.add_argument("--media-dir", help="where received WAVs and media packet logs go")
+    parser.add_argument("--iface", type=_iface, action="append", default=[],
+                        help="IFNAME=IPV4 of an interface usable for SIP and media, repeatable")
+    parser.add_argument("--auto-switch", default="off",
+                        choices=("off", "proposed", "register-then-switch", "reinvite"),
+                        help="switch links by this method on carrier loss or media timeout")
+    parser.add_argument("--media-timeout", type=float, default=0.3,
+                        help="seconds without RTP that count as a failed link")
     parser.add_argument("--media-once", action="store_true",
                         help="play the speech sample once per call instead of looping it")
     parser.add_argument("--log-level", default="WARNING")

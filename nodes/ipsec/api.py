@@ -26,9 +26,13 @@ class Direction(enum.Enum):
     OUT = "out"
 
 
+ANY = "0.0.0.0"
+
+
 @dataclass(frozen=True)
 class Selector:
-    """Which packets a policy or SA covers. Port 0 means any port; proto 0 means any."""
+    """Which packets a policy or SA covers. Port 0 means any port; proto 0 means any;
+    address 0.0.0.0 means any address (prefix length 0 in XFRM)."""
 
     src: str
     dst: str
@@ -38,8 +42,8 @@ class Selector:
 
     def matches(self, src: str, dst: str, proto: int, sport: int, dport: int) -> bool:
         return (
-            self.src == src
-            and self.dst == dst
+            self.src in (ANY, src)
+            and self.dst in (ANY, dst)
             and self.proto in (0, proto)
             and self.sport in (0, sport)
             and self.dport in (0, dport)

@@ -551,10 +551,13 @@ class UserspaceBackend(IPsecBackend):
         os.write(self._tun_fd, inner.serialize())
 
     def _inbound_allowed(self, inner: Ipv4Packet, sa: SecurityAssociation) -> bool:
+        """As XFRM's inbound policy check: the SA's own selector must cover the packet and
+        the IN policy's template must fit the SA — in transport mode that is protocol and
+        (if pinned) SPI; addresses are compared only for tunnels (xfrm_state_ok)."""
         if sa.selector is not None and not inner.matches(sa.selector):
             return False
         policy = self._spd.lookup(inner, Direction.IN)
-        return policy is None or template_accepts(policy, sa)
+        return policy is None or policy.spi is None or policy.spi == sa.spi
 
 
 def close_on_signal(backend: IPsecBackend,

@@ -128,7 +128,9 @@ def test_derivation_errors() -> None:
 
 
 def _sa_key(sa: SecurityAssociation) -> tuple[object, ...]:
-    return (sa.src, sa.dst, sa.spi, sa.enc_alg, sa.enc_key, sa.auth_alg, sa.auth_key, sa.selector)
+    """What both ends of one SA must agree on (the receiver's selector is its own business:
+    it takes the peer from any address, for Fig 4)."""
+    return (sa.src, sa.dst, sa.spi, sa.enc_alg, sa.enc_key, sa.auth_alg, sa.auth_key)
 
 
 def test_offerer_and_answerer_install_matching_sas() -> None:
@@ -141,6 +143,7 @@ def test_offerer_and_answerer_install_matching_sas() -> None:
     assert ans.inbound.spi == ANSWER.spi and ans.outbound.spi == OFFER.spi
     assert (off.outbound.src, off.outbound.dst) == (A1, B1)
     assert off.outbound.selector == Selector(A1, B1, 17)
+    assert off.inbound.selector == Selector("0.0.0.0", A1, 17)  # peer may move (Fig 4)
     keys = derive_media_keys(OFFER, ANSWER, CALL_ID, 0)
     assert off.outbound.enc_key == keys.offer_to_answer.enc_key
     assert ans.outbound.auth_key == keys.answer_to_offer.auth_key
