@@ -166,12 +166,23 @@ class Terminal:
             req.set_body(body, smig.CONTENT_TYPE)
         return req
 
-    async def register(self, expires: int = 3600) -> dict[str, Any]:
+    async def register(self, expires: int = 3600, via: str | None = None,
+                       body: str | None = None) -> dict[str, Any]:
+        """REGISTER (Fig 1 in ipsec-m2ms mode), through interface `via` if given; `body` is
+        sent as application/smig+json (a link-switch request, or anything a lab wants to
+        show the proxy refusing)."""
         if not 0 <= expires <= 86400:
             raise CommandError(f"expires must be 0..86400, got {expires}")
         ua = self._ua()
+        ip = None
+        if via is not None:
+            ip = self.interfaces.get(via) or (via if via in self.interfaces.values() else None)
+            if ip is None:
+                raise CommandError(f"no interface {via!r} (have: {', '.join(self.interfaces)})")
         if self.secreg is not None:
-            return await self._register_secure(expires)
+            return await self._register_secure(expires, ip, body.encode() if body else None)
+        if ip is not None or body is not None:
+            raise CommandError("via and body need the ipsec-m2ms mode")
         req = self._build_register(expires, ua.endpoint.advertised)
         self.events.emit("register-sent", expires=expires)
         try:
@@ -441,8 +452,9 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
         await term.linkswitch.arm(args.auto_switch, args.media_timeout)
     control = ControlServer(args.control, args.name) if args.control else None
     if control is not None:
-        control.command("register", term.register, optional={"expires": int},
-                        help="REGISTER with the proxy")
+        control.command("register", term.register,
+                        optional={"expires": int, "via": str, "body": str},
+                        help="REGISTER with the proxy (through interface via, with a body)")
         control.command("unregister", term.unregister, help="REGISTER with Expires: 0")
         control.command("call", term.call, required={"to": str}, optional={"media": str},
                         help="INVITE a terminal (media: audio or video)")

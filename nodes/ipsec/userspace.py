@@ -500,8 +500,13 @@ class UserspaceBackend(IPsecBackend):
 
     def _send(self, packet: Ipv4Packet) -> None:
         assert self._tx is not None and self._rx is not None
+        # The source address goes along (IP_PKTINFO) so the route is looked up as for the
+        # original packet: source-based rules of a multi-homed host pick its interface, as
+        # XFRM's transport mode keeps the original route (Fig 4 moves media by source).
+        pktinfo = struct.pack("=I4s4s", 0, socket.inet_aton(packet.src), bytes(4))
         try:
-            self._tx.sendto(packet.serialize(), (packet.dst, 0))
+            self._tx.sendmsg([packet.serialize()], [(socket.IPPROTO_IP, _IP_PKTINFO, pktinfo)],
+                             0, (packet.dst, 0))
             return
         except OSError as exc:
             if exc.errno != errno.EMSGSIZE:
@@ -509,7 +514,6 @@ class UserspaceBackend(IPsecBackend):
                 self._count("send_failed")
                 return
         # Too big for one frame: let the kernel build the header and fragment the ESP packet.
-        pktinfo = struct.pack("=I4s4s", 0, socket.inet_aton(packet.src), bytes(4))
         ancillary = [(socket.IPPROTO_IP, _IP_PKTINFO, pktinfo),
                      (socket.IPPROTO_IP, socket.IP_TTL, struct.pack("=i", packet.ttl))]
         try:
