@@ -254,9 +254,10 @@ class Lab:
         self.net = Mininet(topo=M2MTopo(links=links), switch=switch, controller=None,
                            link=TCLink, autoSetMacs=True, build=False)
         self.net.addController(RemoteController("c0", ip="127.0.0.1", port=of_port))
+        self.net.build()  # hosts and links; the bridges come with start()
+        self._refuse_foreign_bridges()  # again: another lab may have started meanwhile
         self._created_bridges = list(M2M_NETWORKS)
         self._write_json("manifest.json", self._manifest(stopped=False))
-        self.net.build()
         self.net.start()
 
     def _usable_links(self) -> dict[str, dict[str, Any]]:

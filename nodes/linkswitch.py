@@ -60,6 +60,18 @@ class LinkSwitcher:
                                      timeout=media_timeout, path="media")
         self.watchdog.start()
 
+    async def set_auto(self, method: str, media_timeout: float = 0.3) -> dict[str, Any]:
+        """Control command: switch automatically by `method` on failures ("off": don't)."""
+        if method == "off":
+            self.auto_method = None
+        elif method not in METHODS:
+            raise CommandError(f"unknown method {method!r} (off or one of {', '.join(METHODS)})")
+        elif self.linkmon is None:
+            await self.arm(method, media_timeout)
+        else:
+            self.auto_method = method
+        return {"auto_switch": self.auto_method or "off"}
+
     async def disarm(self) -> None:
         if self.watchdog is not None:
             self.watchdog.cancel()

@@ -470,6 +470,9 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
                         optional={"method": str},
                         help="Fig 4: move every session to interface `via` "
                         "(method proposed | register-then-switch | reinvite)")
+        control.command("auto_switch", term.linkswitch.set_auto, required={"method": str},
+                        optional={"media_timeout": (float, int)},
+                        help="switch links by this method on carrier loss or media timeout")
         control.command("send_smig", term.smig.send_raw, required={"server": str, "body": str},
                         help="send a hand-made SMIG body to the sms or presence")
 

@@ -11,8 +11,8 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
 
-from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nodes.ipsec import xfrm as X
@@ -50,10 +50,12 @@ def kernel_has_esp() -> bool:
         log.info("ESP probe: not root, assuming no kernel ESP")
         return False
     name = f"smig-esp-probe-{secrets.token_hex(3)}"
-    try:
-        pyroute2_netns.create(name)
-    except OSError as exc:
-        log.info("ESP probe: cannot create a scratch namespace: %s", exc)
+    # `ip netns add`, not pyroute2's netns.create: that forks a copy of this interpreter,
+    # which must never run the caller's code (a lab's teardown, say) on its way out.
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True,
+                          check=False)
+    if made.returncode != 0:
+        log.info("ESP probe: cannot create a scratch namespace: %s", made.stderr.strip())
         return False
     try:
         with X.XfrmSocket(netns=name) as sock:
@@ -64,7 +66,7 @@ def kernel_has_esp() -> bool:
         log.info("ESP probe: kernel ESP unavailable: %s", exc)
         return False
     finally:
-        pyroute2_netns.remove(name)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 def select_backend(override: str | None = None) -> str:

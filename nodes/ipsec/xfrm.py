@@ -19,6 +19,7 @@ import socket
 import struct
 from typing import Any, ClassVar
 
+from pyroute2 import config as pyroute2_config
 from pyroute2.netlink import (
     NETLINK_XFRM,
     NLM_F_ACK,
@@ -35,7 +36,13 @@ from pyroute2.netlink import (
 from pyroute2.netlink.marshal import Marshal
 from pyroute2.netlink.nlsocket import AsyncNetlinkSocket, NetlinkSocket
 
+# A socket in another namespace (netns=...) is made by a forked copy of this interpreter. Left
+# with our handlers, a SIGTERM to that child (pyroute2 sends one when it is done) would run the
+# parent's code in it — a lab's teardown, say. Children reset SIGTERM/SIGINT instead.
+pyroute2_config.disable_mp_signal = True
+
 # enum { XFRM_MSG_BASE = 0x10, ... } (only the ones used or received here)
+
 XFRM_MSG_NEWSA = 0x10
 XFRM_MSG_DELSA = 0x11
 XFRM_MSG_GETSA = 0x12

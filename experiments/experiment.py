@@ -1,0 +1,267 @@
+"""The handover experiments (`make experiment`): every scenario × method, N trials each, on
+real traffic in one lab; then the analysis (tables, plots, ladder diagrams, claims check).
+
+Scenarios (SCENARIO=...):
+  link-planned        Fig 4 switch wlan → lte while wlan still works (make before break)
+  link-carrier-loss   the controller takes A1's wlan port down; A1 sees carrier loss
+  link-blackhole      the controller drops A1's wlan traffic silently; media timeout
+  terminal-switch     Fig 3: A1–B1 voice becomes A2–B2 video
+Methods: link × {proposed, register-then-switch, reinvite}; terminal × {reuse, renegotiate}.
+
+    python -m experiments.experiment [--trials 5] [--scenario all|NAME[,NAME]]
+
+Each trial is one call: set up, media flowing, the trigger, the switch, media on the new
+path, hang up. Its record goes to captures/<run>/trials.jsonl as soon as it ends, so Ctrl-C
+keeps every finished trial (and the analysis still runs on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from experiments.control import NodeControl, NodeError
+from experiments.lab import Lab, wait_until
+from topologies.m2m import address
+
+SCENARIOS: dict[str, tuple[str, str | None]] = {  # name -> (family, fault kind)
+    "link-planned": ("link", None),
+    "link-carrier-loss": ("link", "down"),
+    "link-blackhole": ("link", "blackhole"),
+    "terminal-switch": ("terminal", None),
+}
+METHODS = {"link": ("proposed", "register-then-switch", "reinvite"),
+           "terminal": ("reuse", "renegotiate")}
+PRE_S, POST_S = 0.6, 1.2  # media before the trigger and after the switch, per trial
+MEDIA_TIMEOUT = 0.3
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenario: str
+    method: str
+    trial: int
+
+
+def plans(scenarios: list[str], trials: int) -> list[Plan]:
+    """Trials interleaved (every scenario × method once, then again): slow drifts of the
+    machine then spread over all methods instead of biasing one."""
+    combos = [(s, m) for s in scenarios for m in METHODS[SCENARIOS[s][0]]]
+    return [Plan(s, m, t) for t in range(1, trials + 1) for s, m in combos]
+
+
+class Runner:
+    def __init__(self, lab: Lab, say: Callable[[str], None]) -> None:
+        self.lab = lab
+        self.say = say
+        assert lab.run_dir is not None
+        self.trials_path = lab.run_dir / "trials.jsonl"
+
+    def node(self, name: str) -> NodeControl:
+        return self.lab.nodes[name]
+
+    def setup(self, terminals: list[str]) -> None:
+        self.lab.start_servers()
+        for name in terminals:
+            self.lab.start_terminal(name, media_timeout=MEDIA_TIMEOUT)
+            self.node(name)("register")
+
+    # -- one trial ------------------------------------------------------------------------------
+    def run(self, plan: Plan) -> dict[str, Any]:
+        family, fault = SCENARIOS[plan.scenario]
+        record: dict[str, Any] = {"scenario": plan.scenario, "family": family,
+                                  "method": plan.method, "trial": plan.trial,
+                                  "t_start_ns": time.time_ns(), "ok": False, "error": None}
+        try:
+            if family == "link":
+                self._link_trial(plan.method, fault, record)
+            else:
+                self._terminal_trial(plan.method, record)
+            record["ok"] = True
+        except (NodeError, TimeoutError, OSError, RuntimeError) as exc:
+            record["error"] = str(exc)
+        finally:
+            record.setdefault("t_end_ns", time.time_ns())
+            self._cleanup(record)
+            with self.trials_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _call(self, record: dict[str, Any]) -> str:
+        cid = self.node("a1")("call", to="b1")["call_id"]
+        record["session"] = cid
+        wait_until(lambda: cid in self.node("sms")("status")["sessions"], 10, "the SMS")
+        wait_until(lambda: self._rx("b1", cid) > 10 and self._rx("a1", cid) > 10, 10,
+                   "media both ways")
+        time.sleep(PRE_S)
+        return cid
+
+    def _rx(self, name: str, cid: str) -> int:
+        st = self.node(name)("status")
+        media = st["calls"].get(cid, {}).get("media") or st["sessions"].get(cid)
+        return media["rx"]["packets"] if media else 0
+
+    def _link_trial(self, method: str, fault: str | None, record: dict[str, Any]) -> None:
+        a1 = self.node("a1")
+        a1("register", via="a1-wlan")
+        a1("auto_switch", method=method if fault else "off")
+        cid = self._call(record)
+        record.update(mover="a1", peer="b1", old={"a": "a1", "b": "b1"},
+                      new={"a": "a1", "b": "b1"},
+                      addresses={"a1": address("a1", "wlan"), "a1_new": address("a1", "lte"),
+                                 "b1": address("b1", "netb")})
+        if fault is None:
+            record["t_trigger_ns"] = time.time_ns()
+            a1("link_switch", via="a1-lte", method=method)
+        else:
+            assert self.lab.faults is not None
+            injected = self.lab.faults.inject("wlan", "wlan-a1", fault)
+            record["fault_id"] = injected["id"]
+            record["t_trigger_ns"] = injected["t_ns"]
+
+        def moved() -> bool:
+            media = a1("status")["calls"].get(cid, {}).get("media") or {}
+            return str(media.get("local", "")).startswith(address("a1", "lte") + ":")
+
+        wait_until(moved, 15, f"the {method} switch to lte")
+        time.sleep(POST_S)
+        record["t_end_ns"] = time.time_ns()
+
+    def _terminal_trial(self, method: str, record: dict[str, Any]) -> None:
+        cid = self._call(record)
+        record.update(mover="a1", peer="b1", old={"a": "a1", "b": "b1"},
+                      new={"a": "a2", "b": "b2"},
+                      addresses={t: address(t, "wlan" if t[0] == "a" else "netb")
+                                 for t in ("a1", "a2", "b1", "b2")})
+        record["t_trigger_ns"] = time.time_ns()
+        self.node("a1")("switch", call_id=cid, to="a2", media="video", method=method)
+        if method == "reuse":  # the rekey (step 9) belongs to the trial
+            wait_until(lambda: self._rekeyed(cid), 15, "the rekey")
+        time.sleep(POST_S)
+        record["t_end_ns"] = time.time_ns()
+
+    def _rekeyed(self, cid: str) -> bool:
+        assert self.lab.run_dir is not None
+        path = self.lab.run_dir / "events" / "a2.jsonl"
+        return any(e.get("step") == "rekeyed" and e.get("session") == cid
+                   for e in _jsonl(path))
+
+    def _cleanup(self, record: dict[str, Any]) -> None:
+        """Back to a known state: faults restored, calls and sessions ended."""
+        if self.lab.faults is not None:
+            try:
+                self.lab.faults.restore_all()
+            except OSError as exc:
+                self.say(f"warning: could not restore faults: {exc}")
+        for name in ("a1", "b1", "a2", "b2"):
+            if name not in self.lab.nodes:
+                continue
+            try:
+                st = self.node(name)("status")
+                for cid in st["calls"]:
+                    self.node(name)("hangup", call_id=cid)
+                for sid in st["sessions"]:
+                    self.node(name)("end", session=sid)
+            except (NodeError, OSError):
+                pass
+        if "a1" in self.lab.nodes:
+            with contextlib.suppress(NodeError, OSError):
+                self.node("a1")("auto_switch", method="off")
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    from experiments.lab import read_jsonl
+
+    return list(read_jsonl(path))
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_experiment(scenarios: list[str], trials: int, name: str = "experiment") -> Path:
+    todo = plans(scenarios, trials)
+    families = {SCENARIOS[s][0] for s in scenarios}
+    terminals = ["a1", "b1"] + (["a2", "b2"] if "terminal" in families else [])
+    start = time.monotonic()
+    interrupted = False
+    with Lab(name=name) as lab:
+        assert lab.run_dir is not None
+        runner = Runner(lab, lab.say)
+        runner.setup(terminals)
+        (lab.run_dir / "plan.json").write_text(json.dumps(
+            {"scenarios": scenarios, "trials": trials, "planned": len(todo)}, indent=2))
+        try:
+            for i, plan in enumerate(todo, 1):
+                t0 = time.monotonic()
+                rec = runner.run(plan)
+                elapsed = time.monotonic() - start
+                eta = (time.monotonic() - start) / i * (len(todo) - i)
+                status = "ok" if rec["ok"] else f"FAILED: {rec['error']}"
+                lab.say(f"trial {i}/{len(todo)} {plan.scenario} / {plan.method} "
+                        f"#{plan.trial}: {status} ({time.monotonic() - t0:.1f} s; "
+                        f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s)")
+        except KeyboardInterrupt:
+            interrupted = True
+            lab.say("interrupted: keeping the finished trials")
+        run_dir = lab.run_dir
+    report(run_dir)
+    if interrupted:
+        raise KeyboardInterrupt
+    return run_dir
+
+
+def report(run_dir: Path) -> None:
+    """Analysis, plots and ladders (experiments.analysis), printed at the end."""
+    try:
+        from experiments import analysis
+    except ImportError as exc:  # analysis not installed: the raw trials are still there
+        print(f"analysis unavailable ({exc}); trials are in {run_dir / 'trials.jsonl'}")
+        return
+    results = analysis.analyze(run_dir)
+    for extra in ("plots", "ladder"):
+        try:
+            module = __import__(f"experiments.{extra}", fromlist=["make_all"])
+            module.make_all(run_dir, results)
+        except (ImportError, AttributeError) as exc:
+            print(f"{extra} unavailable: {exc}")
+    md = run_dir / "results.md"
+    if md.exists():
+        print(md.read_text())
+    print(f"results in {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.experiment",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=5, help="trials per scenario × method")
+    parser.add_argument("--scenario", default="all",
+                        help=f"all, or a comma list of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--name", default="experiment", help="run folder suffix")
+    args = parser.parse_args(argv)
+    if not 1 <= args.trials <= 100:
+        parser.error(f"--trials must be 1..100, got {args.trials}")
+    scenarios = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; "
+                     f"known: all, {', '.join(SCENARIOS)}")
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        run_experiment(scenarios, args.trials, args.name)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
