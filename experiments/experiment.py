@@ -42,6 +42,8 @@ SCENARIOS: dict[str, tuple[str, str | None]] = {  # name -> (family, fault kind)
 METHODS = {"link": ("proposed", "register-then-switch", "reinvite"),
            "terminal": ("reuse", "renegotiate")}
 PRE_S, POST_S = 0.6, 1.2  # media before the trigger and after the switch, per trial
+SWEEP_RTTS_MS = (0, 20, 50, 100)  # access-network round-trip times for the delay sweep
+SWEEP_METHODS = ("proposed", "register-then-switch")
 MEDIA_TIMEOUT = 0.3
 
 
@@ -77,10 +79,13 @@ class Runner:
 
     # -- one trial ------------------------------------------------------------------------------
     def run(self, plan: Plan) -> dict[str, Any]:
-        family, fault = SCENARIOS[plan.scenario]
+        rtt = _rtt_of(plan.scenario)
+        family, fault = SCENARIOS[plan.scenario.partition("-rtt")[0]]
         record: dict[str, Any] = {"scenario": plan.scenario, "family": family,
                                   "method": plan.method, "trial": plan.trial,
                                   "t_start_ns": time.time_ns(), "ok": False, "error": None}
+        if rtt is not None:
+            record["rtt_ms"] = rtt
         try:
             if family == "link":
                 self._link_trial(plan.method, fault, record)
@@ -188,20 +193,40 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_experiment(scenarios: list[str], trials: int, name: str = "experiment") -> Path:
+def _rtt_of(scenario: str) -> int | None:
+    _, sep, rtt = scenario.partition("-rtt")
+    return int(rtt) if sep else None
+
+
+def run_experiment(scenarios: list[str], trials: int, name: str = "experiment",
+                   sweep_trials: int = 1) -> Path:
     todo = plans(scenarios, trials)
     families = {SCENARIOS[s][0] for s in scenarios}
     terminals = ["a1", "b1"] + (["a2", "b2"] if "terminal" in families else [])
     start = time.monotonic()
     interrupted = False
+    current_rtt: int | None = None
     with Lab(name=name) as lab:
         assert lab.run_dir is not None
         runner = Runner(lab, lab.say)
         runner.setup(terminals)
         (lab.run_dir / "plan.json").write_text(json.dumps(
             {"scenarios": scenarios, "trials": trials, "planned": len(todo)}, indent=2))
+        sweep: list[Plan] = []
+        if lab.caps is not None and lab.caps.netem and sweep_trials:
+            sweep = [Plan(f"link-planned-rtt{rtt}", m, t) for rtt in SWEEP_RTTS_MS
+                     for t in range(1, sweep_trials + 1) for m in SWEEP_METHODS]
+        else:
+            why = "kernel has no netem" if sweep_trials else "not asked for (--sweep-trials 0)"
+            lab.say(f"delay sweep skipped: {why}")
+            (lab.run_dir / "sweep.json").write_text(json.dumps({"skipped": why}) + "\n")
+        todo = todo + sweep
         try:
             for i, plan in enumerate(todo, 1):
+                rtt = _rtt_of(plan.scenario)
+                if rtt is not None and rtt != current_rtt:
+                    lab.set_access_delay(rtt)
+                    current_rtt = rtt
                 t0 = time.monotonic()
                 rec = runner.run(plan)
                 elapsed = time.monotonic() - start
@@ -247,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default="all",
                         help=f"all, or a comma list of: {', '.join(SCENARIOS)}")
     parser.add_argument("--name", default="experiment", help="run folder suffix")
+    parser.add_argument("--sweep-trials", type=int, default=1,
+                        help="trials per RTT of the delay sweep (needs netem; 0: no sweep)")
     args = parser.parse_args(argv)
     if not 1 <= args.trials <= 100:
         parser.error(f"--trials must be 1..100, got {args.trials}")
@@ -257,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"known: all, {', '.join(SCENARIOS)}")
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        run_experiment(scenarios, args.trials, args.name)
+        run_experiment(scenarios, args.trials, args.name, args.sweep_trials)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -30,7 +30,7 @@ from typing import IO, Any
 from experiments.capabilities import Capabilities, probe
 from experiments.control import NodeControl
 from experiments.faults import FaultClient
-from topologies.m2m import M2M_HOSTS, M2M_NETWORKS, M2MTopo, address
+from topologies.m2m import ACCESS_NETWORKS, M2M_HOSTS, M2M_NETWORKS, M2MTopo, address
 
 PROJECT = Path(__file__).resolve().parent.parent
 CAPTURES = PROJECT / "captures"
@@ -382,6 +382,25 @@ class Lab:
               for arg in ("--iface", f"{name}-{net}={address(name, net)}")],
             "--auto-switch", auto_switch, "--media-timeout", str(media_timeout),
             *self._security_args(credentials)])
+
+    def set_access_delay(self, rtt_ms: float) -> None:
+        """Give every access network (wlan, lte, netb) a round-trip time of `rtt_ms`: netem
+        on both ends of each access link, half the RTT each way. Needs netem."""
+        assert self.caps is not None
+        if not self.caps.netem:
+            raise RuntimeError("this kernel has no netem: access delay cannot be emulated")
+        one_way = f"{rtt_ms / 2:g}ms"
+        for host, ifaces in [*M2M_HOSTS.items(), ("r0", [(n, 1) for n in ACCESS_NETWORKS])]:
+            for net, _ in ifaces:
+                if net not in ACCESS_NETWORKS:
+                    continue
+                intf = f"{host}-{net}"
+                cmd = (f"tc qdisc del dev {intf} root 2>/dev/null; " if rtt_ms == 0 else
+                       f"tc qdisc replace dev {intf} root netem delay {one_way}")
+                out = self.host(host).cmd(cmd)
+                if rtt_ms and out.strip():
+                    raise RuntimeError(f"netem on {host}/{intf} failed: {out.strip()}")
+        self.say(f"access networks: RTT {rtt_ms:g} ms (netem)")
 
     def start_probe(self, rate: float = 50.0) -> tuple[Path, Path]:
         """A1 → B1 probe streams over both of A1's paths; returns (A1 log, B1 log)."""
