@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -160,3 +161,12 @@ class ControlServer:
     def _error(self, message: str) -> dict[str, Any]:
         log.warning("control: %s", message)
         return {"ok": False, "error": message}
+
+
+async def until_stopped() -> None:
+    """Block until the node gets SIGTERM or SIGINT (what the runner sends at teardown)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

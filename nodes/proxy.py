@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from functools import partial
 from typing import Any
 
 from nodes import smig
-from nodes.control import ControlServer
+from nodes.control import ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import ConfigError, Credentials, LabConfig
@@ -532,12 +531,8 @@ async def _serve(args: argparse.Namespace, config: LabConfig, creds: Credentials
         control.command("status", status, help="registrations and counters")
         await control.start()
     print(f"proxy: {args.mode} mode on {args.listen}:{args.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     purge = asyncio.ensure_future(_purge_loop(proxy))
-    await stop.wait()
+    await until_stopped()
     purge.cancel()
     if control is not None:
         await control.close()

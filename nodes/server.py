@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections import Counter
 from typing import Any
 
 from nodes import smig
-from nodes.control import ControlServer
+from nodes.control import ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import ConfigError, LabConfig
@@ -163,11 +162,7 @@ async def _run(cls: type[SmigServer], args: argparse.Namespace, config: LabConfi
             control.command("status", status, help="state and counters")
             await control.start()
         print(f"{cls.name}: listening on {server.listen}:5060", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
     finally:
         if control is not None:
             await control.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections import Counter
 from functools import partial
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes import smig
-from nodes.control import CommandError, ControlServer
+from nodes.control import CommandError, ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import ConfigError, Credentials, LabConfig
@@ -488,11 +487,7 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
         control.command("status", status, help="registration, calls, counters")
         await control.start()
     print(f"terminal {args.name}: {args.local}:{args.port}, proxy {args.proxy}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     if control is not None:
         await control.close()
     await term.close()
