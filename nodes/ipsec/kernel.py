@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -42,6 +41,7 @@ from nodes.ipsec.api import (
     SecurityAssociation,
     Selector,
 )
+from nodes.ipsec.netns import in_netns
 
 log = logging.getLogger("smig.ipsec.kernel")
 
@@ -65,7 +65,6 @@ _STAT_COUNTERS = {
         "XfrmOutPolError",
     ),
 }
-_CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -257,31 +256,6 @@ def policy_from_message(msg: Any) -> Policy | None:
     )
 
 
-def _in_netns(netns: str | None, fn: Callable[[], Any]) -> Any:
-    """Run `fn` in a short-lived thread joined to `netns` (setns is per thread)."""
-    if netns is None:
-        return fn()
-    out: list[Any] = []
-
-    def target() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns({netns}) failed")
-            finally:
-                os.close(fd)
-            out.append(fn())
-        except BaseException as exc:
-            out.append(exc)
-
-    thread = threading.Thread(target=target, name="xfrm-netns")
-    thread.start()
-    thread.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
 
 
 def _error(what: str, exc: NetlinkError) -> IPsecError:
@@ -341,7 +315,7 @@ class KernelBackend(IPsecBackend):
         self._lock = threading.Lock()  # guards the two dicts (the listener updates them)
         self._stat_fd: int | None = None
         with contextlib.suppress(OSError):  # absent without CONFIG_XFRM_STATISTICS
-            self._stat_fd = _in_netns(
+            self._stat_fd = in_netns(
                 netns, lambda: os.open("/proc/thread-self/net/xfrm_stat", os.O_RDONLY)
             )
         self._stop_r, self._stop_w = -1, -1

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -49,7 +48,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -65,6 +64,7 @@ from nodes.ipsec.api import (
     Selector,
 )
 from nodes.ipsec.esp_sa import EspSaFile
+from nodes.ipsec.netns import in_netns, netns_path
 from nodes.ipsec.spd import (
     Ipv4Packet,
     Spd,
@@ -79,47 +79,14 @@ T = TypeVar("T")
 
 _TUNSETIFF = 0x400454CA
 _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
-_CLONE_NEWNET = 0x40000000
 _IP_PKTINFO, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT = 8, 10, 0
 TUN_MTU = 65000  # big: the kernel must not fragment before ESP (Linux fragments the outer packet)
 COUNTERS = ("integrity_failed", "replay_dropped", "no_sa", "policy_dropped", "packets_in",
             "packets_out", "malformed", "send_failed")
 
 
-def _netns_path(netns: str | None) -> str | None:
-    if netns is None:
-        return None
-    return netns if netns.startswith("/") else f"/run/netns/{netns}"
 
 
-def _in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run `fn` in a short-lived thread that has joined `netns` (setns is per thread), so the
-    sockets and TUN it creates live there while this process stays where it is."""
-    path = _netns_path(netns)
-    if path is None:
-        return fn()
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns({path}) failed")
-            finally:
-                os.close(fd)
-            result.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name="ipsec-netns")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 class UserspaceBackend(IPsecBackend):
@@ -160,7 +127,7 @@ class UserspaceBackend(IPsecBackend):
             return
         self._started = True
         try:
-            self._tun_fd, self._rx, self._tx = _in_netns(self.netns, self._open_devices)
+            self._tun_fd, self._rx, self._tx = in_netns(self.netns, self._open_devices)
             self._configure()
         except BaseException:
             self.close()
@@ -205,7 +172,7 @@ class UserspaceBackend(IPsecBackend):
 
     def _cmd(self, *args: str, input_text: str | None = None) -> str:
         argv = list(args)
-        path = _netns_path(self.netns)
+        path = netns_path(self.netns)
         if path is not None:
             argv = ["nsenter", f"--net={path}", *argv]
         done = subprocess.run(argv, input=input_text, capture_output=True, text=True,
@@ -246,7 +213,7 @@ class UserspaceBackend(IPsecBackend):
                 log.warning("cleanup step %s: %s", " ".join(undo[:3]), exc)
         self._installed.clear()
         try:
-            _in_netns(self.netns, self._reset_sysctls)
+            in_netns(self.netns, self._reset_sysctls)
         except OSError as exc:
             log.warning("cleanup step rp_filter: %s", exc)
         for sock in (self._rx, self._tx):
