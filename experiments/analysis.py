@@ -1,0 +1,953 @@
+"""Analysis of a run folder (DESIGN §2 "Measurements").
+
+Per trial: the media gap and RTP loss at each receiver, the handover time with its detection
+and signalling parts, the SIP messages of the procedure at the proxy (each hop, retransmissions
+apart) and the rekey time — measured from the decrypted captures and cross-checked against the
+event logs (they must agree within 1 ms; a disagreement is recorded with who is off and by how
+much, never fatal). Then statistics per scenario x method, the paper's claims checked against
+them, and results.json / results.csv / results-trials.csv / results.md in the run folder.
+
+tshark runs once per pcap for all trials (in parallel, cached under <run>/analysis/).
+CLI: ``python -m experiments.analysis RUN_DIR`` (re)analyses a run and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from nodes.ipsec.esp_sa import tshark_args
+from nodes.rtp import seq_diff
+
+AGREE_NS = 1_000_000  # pcaps and event logs must agree within 1 ms
+CACHE_VERSION = 1
+SWITCHED_PORTS = (41000, 41002)  # media ports of switched-in (Fig 3) sessions
+LINK_SCENARIOS = ("link-planned", "link-carrier-loss", "link-blackhole")
+FAULT_SCENARIOS = ("link-carrier-loss", "link-blackhole")
+VERDICTS = ("holds", "does not hold", "not measured")
+
+# ---------------------------------------------------------------------------------------------
+# Captures: one tshark pass per pcap, RTP and SIP rows, cached.
+
+
+@dataclass(frozen=True)
+class Rtp:
+    """One RTP packet (decrypted from ESP) as seen in a capture or logged by a receiver."""
+    t_ns: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    ssrc: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class Sip:
+    """One SIP message on the wire; `text` is everything after the start line (headers and
+    body), as tshark's sip.msg_hdr holds it."""
+    t_ns: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    size: int  # IP datagram bytes on the wire (ESP included)
+    method: str | None
+    status: int | None
+    cseq: int | None
+    cseq_method: str | None
+    call_id: str | None
+    text: str = ""
+
+    @property
+    def is_request(self) -> bool:
+        return self.method is not None
+
+    @property
+    def body(self) -> str:
+        return self.text.partition("\r\n\r\n")[2]
+
+    @property
+    def smig(self) -> dict[str, Any] | None:
+        """The SMIG JSON body, if the message carries one."""
+        body = self.body.strip()
+        if not body.startswith("{"):
+            return None
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    @property
+    def smig_type(self) -> str | None:
+        smig = self.smig
+        kind = smig.get("type") if smig else None
+        return str(kind) if kind is not None else None
+
+    @property
+    def label(self) -> str:
+        """'MESSAGE switch-complete', '200 MESSAGE', 'REGISTER link-switch', ..."""
+        head = self.method if self.is_request else f"{self.status} {self.cseq_method or ''}"
+        kind = self.smig_type
+        return f"{head.strip()} {kind}" if kind else head.strip()
+
+    def transaction(self) -> tuple[str | None, int | None, str | None]:
+        return (self.call_id, self.cseq, self.cseq_method)
+
+    def retrans_key(self) -> tuple[Any, ...]:
+        """Seen again with the same key = a retransmission (same Call-ID, CSeq, method or
+        status, and hop)."""
+        return (*self.transaction(), self.method or self.status, self.src, self.dst)
+
+    def sessions(self) -> set[str]:
+        smig = self.smig or {}
+        found = {str(smig["session"])} if "session" in smig else set()
+        return found | {str(s) for s in smig.get("sessions", []) if isinstance(s, str)}
+
+
+@dataclass
+class Capture:
+    name: str
+    rtp: list[Rtp] = field(default_factory=list)
+    sip: list[Sip] = field(default_factory=list)
+
+
+_FIELDS = ["frame.time_epoch", "ip.src", "ip.dst", "udp.srcport", "udp.dstport", "ip.len",
+           "rtp.ssrc", "rtp.seq", "sip.Method", "sip.Status-Code", "sip.CSeq.seq",
+           "sip.CSeq.method", "sip.Call-ID", "sip.msg_hdr"]
+_ESCAPES = {"r": "\r", "n": "\n", "t": "\t", "\\": "\\", "a": "\a", "b": "\b", "f": "\f",
+            "v": "\v", '"': '"'}
+_ESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{2}|[0-7]{3}|.)")
+
+
+def tshark_unescape(text: str) -> str:
+    """Undo tshark's escaping of control characters in -T fields output (\\r\\n, \\ooo)."""
+    def one(m: re.Match[str]) -> str:
+        esc = m.group(1)
+        if esc.startswith("x") and len(esc) == 3:
+            return chr(int(esc[1:], 16))
+        if len(esc) == 3 and esc.isdigit():
+            return chr(int(esc, 8))
+        return _ESCAPES.get(esc, "\\" + esc)
+    return _ESCAPE_RE.sub(one, text)
+
+
+def epoch_ns(text: str) -> int:
+    """'1796326247.758941000' -> exact integer nanoseconds (no float rounding)."""
+    sec, _, frac = text.strip().partition(".")
+    return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+def _int(text: str, base: int = 10) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    return int(text, 16) if text.startswith("0x") else int(text, base)
+
+
+def parse_tshark_row(row: list[str]) -> Rtp | Sip | None:
+    """One -T fields row of `_FIELDS` -> Rtp or Sip (None for rows that are neither)."""
+    row = row + [""] * (len(_FIELDS) - len(row))
+    t, src, dst, sport, dport, iplen, ssrc, seq, method, status, cseq, cmeth, cid, hdr = row
+    if not t or not src:
+        return None
+    if ssrc and seq:
+        return Rtp(epoch_ns(t), src, _int(sport) or 0, dst, _int(dport) or 0,
+                   _int(ssrc) or 0, _int(seq) or 0)
+    if method or status:
+        return Sip(epoch_ns(t), src, _int(sport) or 0, dst, _int(dport) or 0, _int(iplen) or 0,
+                   method or None, _int(status), _int(cseq), cmeth or None, cid or None,
+                   tshark_unescape(hdr))
+    return None
+
+
+def run_tshark(pcap: Path, esp: list[str], ports: Iterable[int]) -> Capture:
+    """All RTP and SIP of one pcap, ESP decrypted. RTP inside ESP is found heuristically and on
+    the run's known media ports."""
+    cmd = ["tshark", "-n", "-r", str(pcap), *esp, "-o", "rtp.heuristic_rtp:TRUE"]
+    for port in sorted(set(ports)):
+        cmd += ["-d", f"udp.port=={port},rtp"]
+    cmd += ["-Y", "(rtp || sip) && !icmp", "-T", "fields", "-E", "separator=\t",
+            "-E", "occurrence=f"]
+    for name in _FIELDS:
+        cmd += ["-e", name]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    # A capture cut short by the end of the run ends in a partial packet: tshark says so and
+    # exits 1 after printing the good rows.
+    if out.returncode != 0 and not out.stdout and "cut short" not in out.stderr:
+        raise RuntimeError(f"tshark failed on {pcap.name}: {out.stderr.strip()[-500:]}")
+    cap = Capture(pcap.stem)
+    for line in out.stdout.splitlines():
+        item = parse_tshark_row(line.split("\t"))
+        if isinstance(item, Rtp):
+            cap.rtp.append(item)
+        elif isinstance(item, Sip):
+            cap.sip.append(item)
+    return cap
+
+
+def load_capture(pcap: Path, esp_sa: Path, ports: Sequence[int], cache_dir: Path) -> Capture:
+    """`run_tshark`, cached in `cache_dir` until the pcap, the esp_sa file or the ports change."""
+    st, es = pcap.stat(), esp_sa.stat() if esp_sa.exists() else None
+    key = [CACHE_VERSION, st.st_size, st.st_mtime_ns, es.st_size if es else 0,
+           es.st_mtime_ns if es else 0, sorted(set(ports))]
+    cache = cache_dir / f"{pcap.stem}.json"
+    if cache.exists():
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                return Capture(pcap.stem, [Rtp(*r) for r in data["rtp"]],
+                               [Sip(*s) for s in data["sip"]])
+        except (ValueError, TypeError, KeyError):
+            pass  # a stale or broken cache is rebuilt
+    esp = tshark_args(esp_sa) if es else []
+    cap = run_tshark(pcap, esp, ports)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "rtp": [list(asdict(r).values()) for r in cap.rtp],
+                               "sip": [list(asdict(s).values()) for s in cap.sip]}))
+    tmp.replace(cache)
+    return cap
+
+
+# ---------------------------------------------------------------------------------------------
+# Event logs and trials.
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """JSON lines of a log; a torn last line (process killed mid-write) is skipped."""
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("t_ns"), int):
+            rows.append(row)
+    return rows
+
+
+@dataclass
+class RunLogs:
+    events: dict[str, list[dict[str, Any]]]   # node -> events/<node>.jsonl
+    media: dict[str, list[dict[str, Any]]]    # node -> media/<node>-media.jsonl
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunLogs:
+        events = {p.stem: read_jsonl(p) for p in sorted((run_dir / "events").glob("*.jsonl"))}
+        media = {p.name.removesuffix("-media.jsonl"): read_jsonl(p)
+                 for p in sorted((run_dir / "media").glob("*-media.jsonl"))}
+        return cls(events, media)
+
+    def rtp_rx(self, node: str) -> list[Rtp]:
+        rows = []
+        for e in self.media.get(node, []):
+            if e.get("event") == "rtp-rx":
+                ip, _, port = str(e.get("src", "")).rpartition(":")
+                rows.append(Rtp(e["t_ns"], ip, int(port or 0), str(e.get("dst", "")), 0,
+                                int(e.get("ssrc", 0)), int(e.get("seq", 0))))
+        return rows
+
+    def media_ports(self) -> set[int]:
+        ports = set(SWITCHED_PORTS)
+        for rows in self.media.values():
+            for e in rows:
+                if e.get("event") == "fig2-media-sas":
+                    for end in ("local", "remote"):
+                        port = str(e.get(end, "")).rpartition(":")[2]
+                        if port.isdigit():
+                            ports.add(int(port))
+        return ports
+
+    def find(self, nodes: Iterable[str] | None, t0: int, t1: int, **match: Any
+             ) -> list[dict[str, Any]]:
+        """Events of `nodes` (all if None) in [t0, t1] whose fields equal `match`, in time
+        order."""
+        names = self.events.keys() if nodes is None else nodes
+        found = [e for n in names for e in self.events.get(n, [])
+                 if t0 <= e["t_ns"] <= t1 and all(e.get(k) == v for k, v in match.items())]
+        return sorted(found, key=lambda e: e["t_ns"])
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One line of trials.jsonl (written by the runner)."""
+    scenario: str
+    method: str
+    trial: int
+    ok: bool
+    error: str | None = None
+    family: str = "link"
+    session: str = ""
+    t_start_ns: int = 0
+    t_trigger_ns: int = 0
+    t_end_ns: int = 0
+    mover: str = ""
+    peer: str = ""
+    old: dict[str, str] = field(default_factory=dict)
+    new: dict[str, str] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Trial:
+        if not isinstance(data, dict):
+            raise ValueError(f"trial is not a JSON object: {data!r:.80}")
+        for name, kind in (("scenario", str), ("method", str), ("trial", int), ("ok", bool)):
+            if not isinstance(data.get(name), kind):
+                raise ValueError(f"trial field {name!r} missing or not {kind.__name__}")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        trial = cls(**known)
+        if trial.ok:
+            for name in ("t_start_ns", "t_trigger_ns", "t_end_ns"):
+                if not isinstance(getattr(trial, name), int) or not getattr(trial, name):
+                    raise ValueError(f"ok trial {trial.name}: {name} missing or not an int")
+            if not trial.session or not trial.mover or not trial.old:
+                raise ValueError(f"ok trial {trial.name}: session, mover and old are required")
+        return trial
+
+    @property
+    def name(self) -> str:
+        return f"{self.scenario}/{self.method}#{self.trial}"
+
+    def addrs(self, terminal: str) -> set[str]:
+        """The terminal's addresses ('a1' and 'a1_new', ...)."""
+        return {v for k, v in self.addresses.items()
+                if k == terminal or k.startswith(terminal + "_")}
+
+    def sides(self) -> dict[str, list[str]]:
+        """'a'/'b' -> that user's terminals in the trial, old first."""
+        return {s: list(dict.fromkeys([self.old[s], self.new.get(s, self.old[s])]))
+                for s in self.old}
+
+    def terminals(self) -> set[str]:
+        return {t for terms in self.sides().values() for t in terms}
+
+
+def load_trials(run_dir: Path) -> tuple[list[Trial], list[str]]:
+    """trials.jsonl -> trials, and the lines that could not be read (with why)."""
+    path = run_dir / "trials.jsonl"
+    trials, bad = [], []
+    if not path.exists():
+        return trials, [f"{path} does not exist"]
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            trials.append(Trial.from_json(json.loads(line)))
+        except (ValueError, TypeError) as exc:
+            bad.append(f"trials.jsonl line {n}: {exc}")
+    return trials, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure measurements (unit-tested on synthetic input).
+
+
+def longest_gap(times_ns: Iterable[int]) -> tuple[int, int] | None:
+    """(longest interval between consecutive arrivals, time the gap ended); None if < 2."""
+    ts = sorted(times_ns)
+    if len(ts) < 2:
+        return None
+    return max((b - a, b) for a, b in pairwise(ts))
+
+
+def rtp_loss(packets: Iterable[tuple[int, int]]) -> dict[str, int]:
+    """(ssrc, seq) in arrival order -> expected/received/lost/duplicates, sequence numbers
+    extended across 16-bit wraparound per SSRC (loss = holes between the first and last)."""
+    state: dict[int, dict[str, Any]] = {}
+    dups = 0
+    for ssrc, seq in packets:
+        s = state.get(ssrc)
+        if s is None:
+            state[ssrc] = {"last": seq, "ext": seq, "lo": seq, "hi": seq, "seen": {seq}}
+            continue
+        ext = s["ext"] + seq_diff(seq, s["last"])
+        s["last"], s["ext"] = seq, ext
+        if ext in s["seen"]:
+            dups += 1
+        s["seen"].add(ext)
+        s["lo"], s["hi"] = min(s["lo"], ext), max(s["hi"], ext)
+    expected = sum(s["hi"] - s["lo"] + 1 for s in state.values())
+    received = sum(len(s["seen"]) for s in state.values())
+    return {"expected": expected, "received": received, "lost": expected - received,
+            "duplicates": dups, "ssrcs": len(state)}
+
+
+def split_retransmissions(msgs: Iterable[Sip]) -> tuple[list[Sip], list[Sip]]:
+    """(first transmissions, retransmissions) in order."""
+    seen: set[tuple[Any, ...]] = set()
+    first, again = [], []
+    for m in msgs:
+        key = m.retrans_key()
+        (again if key in seen else first).append(m)
+        seen.add(key)
+    return first, again
+
+
+def procedure_messages(msgs: Sequence[Sip], t0: int, t1: int, t_end: int,
+                       related: Any = None) -> dict[str, Any]:
+    """SIP messages of a procedure at one observation point: the requests sent in [t0, t1]
+    (that `related(msg)` accepts) and every response to them up to t_end."""
+    ok = related or (lambda m: True)
+    txns = {m.transaction() for m in msgs if m.is_request and t0 <= m.t_ns <= t1 and ok(m)}
+    chosen = [m for m in msgs if m.t_ns <= t_end and m.transaction() in txns
+              and (not m.is_request or t0 <= m.t_ns <= t1)]
+    first, again = split_retransmissions(chosen)
+    return {"messages": len(first), "bytes": sum(m.size for m in first),
+            "retransmissions": len(again), "retransmitted_bytes": sum(m.size for m in again),
+            "first": first, "retransmitted": again}
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    xs = sorted(values)
+    rank = (len(xs) - 1) * p / 100.0
+    lo = int(rank)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
+
+
+def summarize(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return {"n": 0, "median": None, "p95": None, "min": None, "max": None}
+    return {"n": len(xs), "median": percentile(xs, 50), "p95": percentile(xs, 95),
+            "min": min(xs), "max": max(xs)}
+
+
+def agreement(metric: str, pcap_ns: int | None, events_ns: int | None) -> dict[str, Any]:
+    """A cross-check of the same instant (or duration) from the capture and the logs."""
+    out: dict[str, Any] = {"metric": metric, "pcap_ms": _ms(pcap_ns), "events_ms": _ms(events_ns)}
+    if pcap_ns is None or events_ns is None:
+        missing = "pcap" if pcap_ns is None else "events"
+        out.update(agree=None, note=f"not in the {missing}")
+        return out
+    diff = pcap_ns - events_ns
+    out.update(diff_ms=_ms(diff), agree=abs(diff) <= AGREE_NS)
+    if abs(diff) > AGREE_NS:
+        out["note"] = (f"pcap is {abs(diff) / 1e6:.3f} ms "
+                       f"{'later' if diff > 0 else 'earlier'} than the events")
+    return out
+
+
+def _ms(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1e6, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: captures and logs, indexed by time.
+
+
+class _Timeline:
+    """Items sorted by t_ns, sliced by time with bisect (trials are short windows of long
+    captures)."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items = sorted(items, key=lambda i: i.t_ns)
+        self.times = [i.t_ns for i in self.items]
+
+    def between(self, t0: int, t1: int) -> list[Any]:
+        from bisect import bisect_left, bisect_right
+        return self.items[bisect_left(self.times, t0):bisect_right(self.times, t1)]
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    captures: dict[str, Capture]
+    logs: RunLogs
+    _rtp: dict[str, _Timeline] = field(default_factory=dict)
+    _sip: dict[str, _Timeline] = field(default_factory=dict)
+    _rx: dict[str, _Timeline] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, cap in self.captures.items():
+            self._rtp[name], self._sip[name] = _Timeline(cap.rtp), _Timeline(cap.sip)
+        for node in self.logs.media:
+            self._rx[node] = _Timeline(self.logs.rtp_rx(node))
+
+    def capture_names(self, host: str) -> list[str]:
+        return sorted(n for n in self.captures if n.startswith(host + "-"))
+
+    def rtp(self, host: str, t0: int, t1: int) -> list[Rtp]:
+        """RTP in all of `host`'s captures in [t0, t1], time order."""
+        rows = [r for n in self.capture_names(host) for r in self._rtp[n].between(t0, t1)]
+        return sorted(rows, key=lambda r: r.t_ns)
+
+    def sip(self, host: str, t0: int, t1: int) -> list[Sip]:
+        rows = [s for n in self.capture_names(host) for s in self._sip[n].between(t0, t1)]
+        return sorted(rows, key=lambda s: s.t_ns)
+
+    def rtp_rx(self, node: str, t0: int, t1: int) -> list[Rtp]:
+        tl = self._rx.get(node)
+        return tl.between(t0, t1) if tl else []
+
+
+def load_run(run_dir: Path, hosts: Iterable[str] | None = None, workers: int = 2) -> RunData:
+    """Every capture of the proxy and of `hosts` (default: all but the router and the other
+    servers), through tshark in parallel, plus the logs."""
+    logs = RunLogs.load(run_dir)
+    ports = sorted(logs.media_ports())
+    wanted = set(hosts) if hosts is not None else None
+    pcaps = [p for p in sorted((run_dir / "pcaps").glob("*.pcap"))
+             if p.stem.startswith("proxy-")
+             or (wanted is not None and p.stem.split("-")[0] in wanted)
+             or (wanted is None and p.stem.split("-")[0] not in ("r0", "sms", "presence"))]
+    cache = run_dir / "analysis"
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        caps = list(pool.map(lambda p: load_capture(p, run_dir / "esp_sa", ports, cache), pcaps))
+    return RunData(run_dir, {c.name: c for c in caps}, logs)
+
+
+def node_names(trial: Trial | None = None) -> dict[str, str]:
+    """IP address -> node name: the default topology's, then the trial's own addresses."""
+    names: dict[str, str] = {}
+    try:
+        from topologies.m2m import M2M_HOSTS, M2M_NETWORKS
+        for host, intfs in M2M_HOSTS.items():
+            for net, num in intfs:
+                names[f"{M2M_NETWORKS[net][0]}.{num}"] = host
+    except ImportError:  # mininet missing: the trial's addresses still name the terminals
+        pass
+    for key, ip in (trial.addresses if trial else {}).items():
+        names[ip] = key.split("_")[0]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial.
+
+
+def _first(rows: Sequence[Any]) -> Any:
+    return rows[0] if rows else None
+
+
+def _count_check(metric: str, pcap: int | None, events: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"metric": metric, "pcap": pcap, "events": events,
+                           "agree": None if pcap is None or events is None else pcap == events}
+    if out["agree"] is False:
+        out["note"] = f"pcap counts {pcap}, the events {events}"
+    return out
+
+
+def _receivers(trial: Trial, data: RunData, checks: list[dict[str, Any]]
+               ) -> dict[str, dict[str, Any]]:
+    sides = trial.sides()
+    out: dict[str, dict[str, Any]] = {}
+    for side, terms in sides.items():
+        senders = {a for s, ts in sides.items() if s != side for t in ts for a in trial.addrs(t)}
+        t0, t1 = trial.t_start_ns, trial.t_end_ns
+        pcap: list[Rtp] = []
+        events: list[Rtp] = []
+        for term in terms:
+            mine = trial.addrs(term)
+            pcap += [r for r in data.rtp(term, t0, t1) if r.dst in mine and r.src in senders]
+            events += [r for r in data.rtp_rx(term, t0, t1) if r.src in senders]
+        pcap.sort(key=lambda r: r.t_ns)
+        events.sort(key=lambda r: r.t_ns)
+        name = "/".join(terms)
+        gap, ev_gap = longest_gap(r.t_ns for r in pcap), longest_gap(r.t_ns for r in events)
+        loss, ev_loss = rtp_loss((r.ssrc, r.seq) for r in pcap), rtp_loss(
+            (r.ssrc, r.seq) for r in events)
+        out[name] = {
+            "terminals": terms, "packets": len(pcap),
+            "gap_ms": _ms(gap[0]) if gap else None,
+            "gap_end_ms": _ms(gap[1] - trial.t_trigger_ns) if gap else None,
+            **{k: loss[k] for k in ("lost", "expected", "duplicates", "ssrcs")},
+            "events": {"packets": len(events), "gap_ms": _ms(ev_gap[0]) if ev_gap else None,
+                       "lost": ev_loss["lost"]},
+        }
+        checks.append(agreement(f"media gap at {name}", gap[0] if gap else None,
+                                ev_gap[0] if ev_gap else None))
+        checks.append(_count_check(f"RTP lost at {name}", loss["lost"] if pcap else None,
+                                   ev_loss["lost"] if events else None))
+    return out
+
+
+def _handover_path(trial: Trial) -> tuple[list[str], set[str], set[str] | None]:
+    """(receiving terminals, new source addresses, receiving addresses or None = any)."""
+    sides = trial.sides()
+    mover_side = next((s for s, t in trial.old.items() if t == trial.mover), None)
+    if mover_side is None:
+        raise ValueError(f"mover {trial.mover!r} is none of the old terminals {trial.old}")
+    other = [s for s in sides if s != mover_side]
+    if trial.family == "terminal":
+        mover_new, peer_new = trial.new[mover_side], trial.new[other[0]]
+        return [peer_new], trial.addrs(mover_new), trial.addrs(peer_new)
+    new_addr = trial.addresses.get(f"{trial.mover}_new")
+    if not new_addr:
+        raise ValueError(f"addresses has no {trial.mover}_new (the mover's new address)")
+    return [t for s in other for t in sides[s]], {new_addr}, None
+
+
+def _smig_sent(trial: Trial, data: RunData, kind: str, t0: int, t1: int) -> list[Sip]:
+    """First transmissions of SMIG `kind` messages about the session, as they left the
+    sending terminal (its own captures)."""
+    found: list[Sip] = []
+    for term in sorted(trial.terminals()):
+        mine = trial.addrs(term)
+        msgs = [m for m in data.sip(term, t0, t1) if m.src in mine and m.is_request
+                and m.smig_type == kind and trial.session in m.sessions()]
+        found += split_retransmissions(msgs)[0]
+    return sorted(found, key=lambda m: m.t_ns)
+
+
+def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
+    """Every measurement of one ok trial (see the module docstring)."""
+    t0, trig, t1 = trial.t_start_ns, trial.t_trigger_ns, trial.t_end_ns
+    checks: list[dict[str, Any]] = []
+    notes: list[str] = []
+    logs = data.logs
+    terms = sorted(trial.terminals())
+    res: dict[str, Any] = {"name": trial.name, **asdict(trial)}
+    res["receivers"] = _receivers(trial, data, checks)
+    gaps = [r["gap_ms"] for r in res["receivers"].values() if r["gap_ms"] is not None]
+    res["gap_ms"] = max(gaps) if gaps else None
+    res["lost"] = sum(r["lost"] for r in res["receivers"].values())
+
+    # Handover: trigger -> first RTP from the new path at the peer.
+    receivers, new_src, new_dst = _handover_path(trial)
+    first_pcap = min((r for h in receivers for r in data.rtp(h, trig, t1)
+                      if r.src in new_src and r.dst in (new_dst or trial.addrs(h))),
+                     key=lambda r: r.t_ns, default=None)
+    first_ev = min((r for h in receivers for r in data.rtp_rx(h, trig, t1)
+                    if r.src in new_src), key=lambda r: r.t_ns, default=None)
+    res["handover_ms"] = _ms(first_pcap.t_ns - trig) if first_pcap else None
+    checks.append(agreement("first RTP on the new path", first_pcap and first_pcap.t_ns,
+                            first_ev and first_ev.t_ns))
+
+    # The procedure's own events: start, trigger (faults), switch-completes, done.
+    if trial.family == "terminal":
+        start = _first(logs.find([trial.mover], t0, t1, event="fig3", step=1,
+                                 session=trial.session))
+        completes = logs.find(terms, trig, t1, event="fig3", step=7, session=trial.session)
+        dones = (logs.find(["sms"], trig, t1, event="fig3-switched", session=trial.session)
+                 + logs.find([trial.mover], trig, t1, event="fig3", step="handover",
+                             session=trial.session))
+        first_msg_kind = "switch-request"
+    else:
+        start = _first([e for e in logs.find([trial.mover], t0, t1, event="fig4",
+                                             step="trigger")
+                        if trial.session in e.get("sessions", [trial.session])])
+        completes = logs.find(terms, trig, t1, event="fig4", step="switch-complete",
+                              session=trial.session)
+        dones = logs.find([trial.mover], trig, t1, event="fig4", step="done")[:1]
+        first_msg_kind = ""
+    if start is None:
+        notes.append("no procedure start event of the mover in the trial window")
+    if trial.scenario in FAULT_SCENARIOS:
+        trig_ev = _first(logs.find([trial.mover], trig, t1, event="trigger"))
+        injected = _first(logs.find(["controller"], t0, t1, event="fault-injected"))
+        res["injection_offset_ms"] = _ms(injected["t_ns"] - trig) if injected else None
+        if injected is None:
+            notes.append("no fault-injected event of the controller in the trial window")
+    else:
+        trig_ev = start
+    res["detection_ms"] = (_ms(trig_ev["t_ns"] - trig) if trig_ev else None) \
+        if trial.scenario in FAULT_SCENARIOS else 0.0
+    if trig_ev is None:
+        notes.append("no trigger event of the mover after the trigger")
+
+    # Signalling: trigger event -> last switch-complete (on the wire where it is a message).
+    last_ev = completes[-1]["t_ns"] if completes else None
+    sc_msgs = _smig_sent(trial, data, "switch-complete", trig, t1)
+    last_wire = sc_msgs[-1].t_ns if sc_msgs else None
+    if trig_ev is not None and (last_wire or last_ev):
+        res["signalling_ms"] = _ms((last_wire or last_ev) - trig_ev["t_ns"])  # type: ignore[operator]
+        res["signalling_source"] = "pcap" if last_wire else "events"
+    else:
+        res["signalling_ms"], res["signalling_source"] = None, None
+    if last_wire or last_ev:
+        checks.append(agreement("last switch-complete sent", last_wire, last_ev))
+
+    # Procedure start on the wire vs in the log (the first message the mover sends).
+    mover_addrs = trial.addrs(trial.mover)
+    if first_msg_kind:
+        sent = _smig_sent(trial, data, first_msg_kind, t0, t1)
+        sent = [m for m in sent if m.src in mover_addrs]
+        start_ev = start
+    else:
+        sent = [m for m in data.sip(trial.mover, trig, t1)
+                if m.src in mover_addrs and m.method == "REGISTER"]
+        start_ev = _first(logs.find([trial.mover], trig, t1, event="fig4", step="register"))
+    if sent or start_ev:
+        checks.append(agreement("first message of the procedure sent",
+                                sent[0].t_ns if sent else None,
+                                start_ev["t_ns"] if start_ev else None))
+
+    # Messages at the proxy: trigger -> completion, each hop, retransmissions apart.
+    ends = [t for t in [last_ev, last_wire, *(e["t_ns"] for e in dones)] if t]
+    t_done = max(ends) if ends else t1
+    res["t_complete_ms"] = _ms(t_done - trig)
+    foreign = {ip for k, ip in trial.addresses.items() if k.split("_")[0] not in terms}
+
+    def related(m: Sip) -> bool:
+        smig = m.smig or {}
+        return (m.src not in foreign and m.dst not in foreign
+                and smig.get("terminal", terms[0]) in terms)
+
+    proxy = [m for n in data.captures if n.startswith("proxy-")
+             for m in data._sip[n].between(trig, t1)]
+    proxy.sort(key=lambda m: m.t_ns)
+    if not proxy and not any(n.startswith("proxy-") for n in data.captures):
+        notes.append("no proxy capture: messages not measured")
+        res.update(messages=None, bytes=None, retransmissions=None, retransmitted_bytes=None)
+        res["message_list"] = []
+    else:
+        pm = procedure_messages(proxy, trig, t_done, t1, related)
+        names = node_names(trial)
+        res.update({k: pm[k] for k in ("messages", "bytes", "retransmissions",
+                                       "retransmitted_bytes")})
+        again = {id(m) for m in pm["retransmitted"]}
+        res["message_list"] = [
+            {"t_ms": _ms(m.t_ns - trig), "src": names.get(m.src, m.src),
+             "dst": names.get(m.dst, m.dst), "label": m.label, "bytes": m.size,
+             "retransmission": id(m) in again}
+            for m in sorted(pm["first"] + pm["retransmitted"], key=lambda m: m.t_ns)]
+        if trial.method != "reinvite":
+            at_proxy = {m.retrans_key()[:3] for m in pm["first"]
+                        if m.smig_type == "switch-complete" and m.src in
+                        {a for t in terms for a in trial.addrs(t)}}
+            checks.append(_count_check("switch-complete messages", len(at_proxy),
+                                       len(completes)))
+
+    # Rekey (Fig 3 step 9 after a reuse switch): first step-9 event -> last "rekeyed".
+    res["rekey_ms"] = None
+    rekeyed = logs.find(terms, trig, t1, event="fig3", step="rekeyed", session=trial.session)
+    if rekeyed:
+        first9 = _first(logs.find(None, trig, t1, event="fig3", step=9, session=trial.session))
+        if first9:
+            res["rekey_ms"] = _ms(rekeyed[-1]["t_ns"] - first9["t_ns"])
+        rk = _smig_sent(trial, data, "rekey", trig, t1)
+        checks.append(agreement("first rekey message sent", rk[0].t_ns if rk else None,
+                                first9["t_ns"] if first9 else None))
+    res["checks"] = checks
+    res["disagreements"] = [c for c in checks if c.get("agree") is False]
+    res["notes"] = notes
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics, claims, files.
+
+METRICS: list[tuple[str, str, str]] = [  # key, unit, column title
+    ("handover_ms", "ms", "handover ms"), ("detection_ms", "ms", "detection ms"),
+    ("signalling_ms", "ms", "signalling ms"), ("messages", "msgs", "messages"),
+    ("bytes", "B", "bytes"), ("retransmissions", "msgs", "retrans."),
+    ("gap_ms", "ms", "max gap ms"), ("lost", "pkts", "lost"), ("rekey_ms", "ms", "rekey ms"),
+]
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Statistics per scenario x method over the ok trials (failed ones are only counted)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["scenario"], r["method"]), []).append(r)
+    out = []
+    for (scenario, method), rows in groups.items():
+        ok = [r for r in rows if r.get("ok")]
+        agg: dict[str, Any] = {"scenario": scenario, "method": method,
+                               "family": rows[0].get("family", ""), "trials": len(ok),
+                               "failed": len(rows) - len(ok)}
+        for key, _, _ in METRICS:
+            agg[key] = summarize(r.get(key) for r in ok)
+        out.append(agg)
+    return out
+
+
+def _median(aggs: Sequence[dict[str, Any]], scenario: str, method: str, key: str
+            ) -> float | None:
+    for a in aggs:
+        if a["scenario"] == scenario and a["method"] == method:
+            return a[key]["median"]
+    return None
+
+
+def _less(name: str, aggs: Sequence[dict[str, Any]], scenario: str, better: str, worse: str,
+          keys: Sequence[str]) -> dict[str, Any]:
+    compared = {f"{m} {k} median": _median(aggs, scenario, m, k)
+                for k in keys for m in (better, worse)}
+    if any(v is None for v in compared.values()):
+        verdict = "not measured"
+    else:
+        verdict = "holds" if all(compared[f"{better} {k} median"] < compared[f"{worse} {k} median"]
+                                 for k in keys) else "does not hold"
+    return {"claim": name, "scenario": scenario, "verdict": verdict, "compared": compared}
+
+
+def _overall(parts: Sequence[dict[str, Any]]) -> str:
+    measured = [p["verdict"] for p in parts if p["verdict"] != "not measured"]
+    if not measured:
+        return "not measured"
+    return "holds" if all(v == "holds" for v in measured) else "does not hold"
+
+
+def claims(aggs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The paper's claims, each a verdict ("holds" / "does not hold" / "not measured") with
+    the numbers it compared."""
+    a_parts = [_less("proposed uses fewer messages and less handover time", aggs, scn,
+                     "proposed", "register-then-switch", ("messages", "handover_ms"))
+               for scn in LINK_SCENARIOS]
+    b = _less("key reuse makes the terminal switch faster", aggs, "terminal-switch", "reuse",
+              "renegotiate", ("handover_ms",))
+    planned = next((g for g in aggs if g["scenario"] == "link-planned"
+                    and g["method"] == "proposed"), None)
+    lost = planned["lost"] if planned else None
+    if not planned or not planned["trials"] or lost is None or lost["n"] != planned["trials"]:
+        c_verdict = "not measured"
+    else:
+        c_verdict = "holds" if lost["max"] == 0 else "does not hold"
+    return {
+        "a": {"claim": "the proposed link switch uses fewer signalling messages and less "
+                       "handover time than register-then-switch (medians, per trigger type)",
+              "verdict": _overall(a_parts), "parts": a_parts},
+        "b": {"claim": "key reuse makes the terminal switch faster than renegotiation "
+                       "(handover time medians)", "verdict": b["verdict"],
+              "compared": b["compared"]},
+        "c": {"claim": "make-before-break (link-planned, proposed) loses no media "
+                       "(lost == 0 in every trial)", "verdict": c_verdict,
+              "compared": {"trials": planned["trials"] if planned else 0,
+                           "lost max": lost["max"] if lost else None,
+                           "trials with a loss count": lost["n"] if lost else 0}},
+    }
+
+
+def _cell(stat: dict[str, Any]) -> str:
+    if not stat or stat["median"] is None:
+        return "–"
+    med, p95 = stat["median"], stat["p95"]
+    fmt = (lambda v: f"{v:.0f}") if max(abs(med), abs(p95)) >= 100 else (lambda v: f"{v:.1f}")
+    return f"{fmt(med)} ({fmt(p95)})"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """results.md: the table (median (p95) per scenario x method), claims, failures."""
+    cols = [title for _, _, title in METRICS]
+    lines = [f"# Results: {summary['run']}", "",
+             "Median (p95) over the ok trials; times from the trigger (fault injection or "
+             "command). Messages and bytes: SIP at the proxy, each hop, first transmissions.",
+             "", "| scenario | method | trials | " + " | ".join(cols) + " |",
+             "|" + "---|" * (3 + len(cols))]
+    for a in summary["aggregates"]:
+        trials = f"{a['trials']}" + (f" (+{a['failed']} failed)" if a["failed"] else "")
+        lines.append(f"| {a['scenario']} | {a['method']} | {trials} | "
+                     + " | ".join(_cell(a[k]) for k, _, _ in METRICS) + " |")
+    lines += ["", "## Claims", ""]
+    for key, c in summary["claims"].items():
+        lines.append(f"* **({key}) {c['verdict']}** — {c['claim']}")
+        for part in c.get("parts", []):
+            nums = ", ".join(f"{k} {v}" for k, v in part["compared"].items())
+            lines.append(f"  * {part['scenario']}: {part['verdict']} ({nums})")
+        if "compared" in c:
+            lines.append("  * " + ", ".join(f"{k} {v}" for k, v in c["compared"].items()))
+    failed = summary["failed"]
+    if failed:
+        lines += ["", "## Failed trials (excluded)", ""]
+        lines += [f"* {f['name']}: {f['error']}" for f in failed]
+    dis = [(t["name"], d) for t in summary["trials"] for d in t.get("disagreements", [])]
+    lines += ["", f"## Capture vs event log: {len(dis)} disagreement(s) over 1 ms", ""]
+    lines += [f"* {name}: {d['metric']}: {d.get('note', '')}" for name, d in dis[:40]]
+    if len(dis) > 40:
+        lines.append(f"* ... {len(dis) - 40} more in results.json")
+    if summary["problems"]:
+        lines += ["", "## Problems", ""] + [f"* {p}" for p in summary["problems"]]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csvs(run_dir: Path, summary: dict[str, Any]) -> None:
+    with open(run_dir / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scenario", "method", "family", "metric", "unit", "trials", "n", "median",
+                    "p95", "min", "max"])
+        for a in summary["aggregates"]:
+            for key, unit, _ in METRICS:
+                s = a[key]
+                w.writerow([a["scenario"], a["method"], a["family"], key, unit, a["trials"],
+                            s["n"], s["median"], s["p95"], s["min"], s["max"]])
+    cols = ["scenario", "method", "trial", "session", "ok", "error"] + [k for k, _, _ in METRICS] \
+        + ["disagreements"]
+    with open(run_dir / "results-trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for t in summary["trials"] + summary["failed"]:
+            w.writerow([len(t.get("disagreements", [])) if c == "disagreements" else t.get(c)
+                        for c in cols])
+
+
+def analyze(run_dir: str | Path, workers: int = 2, write: bool = True) -> dict[str, Any]:
+    """Analyse every trial of a run folder; write results.json, results.csv,
+    results-trials.csv and results.md into it (unless `write` is False); return the summary:
+    {"run", "capabilities", "trials" (ok, analysed), "failed", "aggregates", "claims",
+    "problems"}."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"not a run folder: {run}")
+    trials, problems = load_trials(run)
+    ok = [t for t in trials if t.ok]
+    hosts = {h for t in ok for h in t.terminals()}
+    data = load_run(run, hosts, workers)
+    analysed, failed = [], []
+    for t in trials:
+        if not t.ok:
+            failed.append({"name": t.name, **asdict(t)})
+            continue
+        try:
+            analysed.append(analyze_trial(t, data))
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{t.name}: not analysed: {exc}")
+            failed.append({"name": t.name, **asdict(t), "ok": False,
+                           "error": f"analysis: {exc}"})
+    caps = run / "capabilities.json"
+    summary = {"run": run.name,
+               "capabilities": json.loads(caps.read_text()) if caps.exists() else None,
+               "trials": analysed, "failed": failed,
+               "aggregates": aggregate(analysed + failed), "problems": problems}
+    summary["claims"] = claims(summary["aggregates"])
+    if write:
+        (run / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+        _write_csvs(run, summary)
+        (run / "results.md").write_text(markdown(summary))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.analysis", description=__doc__.split(
+        "\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--workers", type=int, default=2, help="tshark processes in parallel")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    args = ap.parse_args(argv)
+    try:
+        summary = analyze(args.run_dir, args.workers)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not args.no_plots:
+        try:
+            from experiments.ladder import draw_ladders
+            from experiments.plots import draw_plots
+            pngs = draw_plots(args.run_dir, summary) + draw_ladders(args.run_dir, summary)
+            print(f"{len(pngs)} plots in {args.run_dir / 'plots'}", file=sys.stderr)
+        except ImportError as exc:
+            print(f"plots skipped: {exc}", file=sys.stderr)
+    print(markdown(summary), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
