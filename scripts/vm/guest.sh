@@ -5,10 +5,30 @@ set -uo pipefail
 run=$1
 shift
 export SMIG_IN_VM=1 SMIG_VM_RUN_DIR="$PWD/$run" PYTHONDONTWRITEBYTECODE=1
+# TCG emulation is several times slower than the host: stretch the lab's waits.
+export SMIG_TIMEOUT_SCALE=${SMIG_TIMEOUT_SCALE:-4}
 echo "guest: $(uname -r), $(nproc) CPUs"
-# virtme-ng's minimal init loads no modules: the TUN device the userspace backend needs only
-# appears once its module is in (the rest, XFRM/ESP/veth/nftables, load on demand).
-modprobe tun || echo "guest: modprobe tun failed" >&2
+# virtme-ng's minimal init loads no modules: the TUN device (userspace ESP backend) and what
+# Mininet needs (veth, the OVS kernel datapath, netem links) are loaded up front; XFRM/ESP and
+# nftables load on demand.
+for mod in tun veth openvswitch sch_netem sch_htb; do
+  modprobe "$mod" || echo "guest: modprobe $mod failed" >&2
+done
+
+# Open vSwitch for the lab tests, this guest's own: /run is a private tmpfs here and /etc, /var
+# private overlays, so nothing reaches the host's OVS. A fresh database on /run (not the host's
+# conf.db copy, which may list the host's bridges); logs go to the run folder.
+ovs_dir=/run/openvswitch
+mkdir -p "$ovs_dir" "$run/ovs"
+if OVS_LOGDIR="$PWD/$run/ovs" /usr/share/openvswitch/scripts/ovs-ctl start \
+     --system-id=random --db-file="$ovs_dir/conf.db" --delete-bridges --no-record-hostname \
+     >"$run/ovs/start.log" 2>&1 \
+   && ovs-vsctl --timeout=20 show >/dev/null 2>&1; then
+  echo "guest: Open vSwitch started ($(ovs-vsctl --version | head -n 1))"
+else
+  echo "guest: Open vSwitch did not start: see $run/ovs/start.log (lab tests will fail)" >&2
+fi
+
 .venv/bin/python -m pytest -m vm tests/vm -p no:cacheprovider -v \
   --junitxml="$run/junit.xml" "$@" >"$run/pytest.log" 2>&1
 rc=$?
