@@ -716,7 +716,8 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
         again = {id(m) for m in pm["retransmitted"]}
         res["message_list"] = [
             {"t_ms": _ms(m.t_ns - trig), "src": names.get(m.src, m.src),
-             "dst": names.get(m.dst, m.dst), "label": m.label, "bytes": m.size,
+             "dst": names.get(m.dst, m.dst), "src_ip": m.src, "dst_ip": m.dst,
+             "label": m.label, "bytes": m.size,
              "retransmission": id(m) in again}
             for m in sorted(pm["first"] + pm["retransmitted"], key=lambda m: m.t_ns)]
         if trial.method != "reinvite":
