@@ -832,8 +832,14 @@ def _cell(stat: dict[str, Any]) -> str:
     if not stat or stat["median"] is None:
         return "–"
     med, p95 = stat["median"], stat["p95"]
-    fmt = (lambda v: f"{v:.0f}") if max(abs(med), abs(p95)) >= 100 else (lambda v: f"{v:.1f}")
-    return f"{fmt(med)} ({fmt(p95)})"
+    whole = float(med).is_integer() and float(p95).is_integer()
+    digits = 0 if whole or max(abs(med), abs(p95)) >= 100 else 1
+    return f"{med:.{digits}f} ({p95:.{digits}f})"
+
+
+def _num(v: Any) -> str:
+    return f"{v:.1f}" if isinstance(v, float) and not v.is_integer() else (
+        f"{v:.0f}" if isinstance(v, float) else str(v))
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -852,10 +858,10 @@ def markdown(summary: dict[str, Any]) -> str:
     for key, c in summary["claims"].items():
         lines.append(f"* **({key}) {c['verdict']}** — {c['claim']}")
         for part in c.get("parts", []):
-            nums = ", ".join(f"{k} {v}" for k, v in part["compared"].items())
+            nums = ", ".join(f"{k} {_num(v)}" for k, v in part["compared"].items())
             lines.append(f"  * {part['scenario']}: {part['verdict']} ({nums})")
         if "compared" in c:
-            lines.append("  * " + ", ".join(f"{k} {v}" for k, v in c["compared"].items()))
+            lines.append("  * " + ", ".join(f"{k} {_num(v)}" for k, v in c["compared"].items()))
     failed = summary["failed"]
     if failed:
         lines += ["", "## Failed trials (excluded)", ""]

@@ -1,0 +1,1 @@
+"""Tests of experiments.analysis, plots and ladder."""
