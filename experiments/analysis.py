@@ -656,6 +656,9 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
         res["injection_offset_ms"] = _ms(injected["t_ns"] - trig) if injected else None
         if injected is None:
             notes.append("no fault-injected event of the controller in the trial window")
+        elif abs(injected["t_ns"] - trig) > AGREE_NS:
+            notes.append(f"the controller injected the fault {res['injection_offset_ms']} ms "
+                         "from the trial's t_trigger_ns (detection is timed from the latter)")
     else:
         trig_ev = start
     res["detection_ms"] = (_ms(trig_ev["t_ns"] - trig) if trig_ev else None) \
