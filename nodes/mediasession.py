@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.events import EventLog
-from nodes.ipsec.api import ANY, IPPROTO_UDP, Direction, Policy, Selector
+from nodes.ipsec.api import ANY, IPPROTO_UDP, Direction, Policy, SecurityAssociation, Selector
 from nodes.ipsec.node import NodeIpsec
 from nodes.media import Receiver, VideoSender, VoiceSender
 from nodes.mediakeys import (
@@ -70,7 +70,9 @@ class MediaSession:
         self._receiving = False
         self._rekey_local: M2mKey | None = None  # our fresh key during a rekey
         self._rekey_new: MediaSaSet | None = None
-        self._old_inbound: tuple[Any, list[Policy]] | None = None  # until a move finishes
+        # What served the old address during a link switch, until it is done (Fig 4).
+        self._leftover_sas: list[SecurityAssociation] = []
+        self._leftover_policies: list[Policy] = []
 
     # -- SDP -----------------------------------------------------------------------------------
     def sdp(self) -> bytes:
@@ -145,14 +147,12 @@ class MediaSession:
                          remote=f"{self.remote[0]}:{self.remote[1]}")
 
     async def close(self, why: str) -> None:
-        """Stop sending, stop receiving, remove the media SAs (BYE, or the node exits)."""
+        """Stop sending, remove the media SAs, stop receiving (BYE, or the node exits)."""
         if self.sender is not None:
             await self.sender.stop()
-        if self._receiving:
-            self.receiver.close()
-            self._receiving = False
-        else:
-            self.receiver.rtp_socket.close()
+        # SAs before sockets: with kernel XFRM, ESP still arriving for a closed port is
+        # decrypted and answered by a plaintext ICMP port-unreachable that quotes the RTP
+        # header; with no SA left the kernel drops it silently.
         if self.saset is not None and self.ipsec is not None:
             policies = list(self.saset.policies)
             if self.remote is not None:  # after a move (Fig 4) the policies name new addresses
@@ -163,6 +163,11 @@ class MediaSession:
             self.ipsec.remove(self.saset.sas, policies)
             self.events.emit("fig2-media-sas-removed", call_id=self.call_id, why=why)
             self.saset = None
+        if self._receiving:
+            self.receiver.close()
+            self._receiving = False
+        else:
+            self.receiver.rtp_socket.close()
 
     def _offer_answer(self, mine: M2mKey, theirs: M2mKey) -> tuple[M2mKey, M2mKey]:
         return (mine, theirs) if self.role is Role.OFFERER else (theirs, mine)
@@ -269,8 +274,7 @@ class MediaSession:
         inbound = replace(self.saset.inbound, dst=new_ip, seq=0, replay_top=0, stats={},
                           selector=Selector(ANY, new_ip, IPPROTO_UDP))
         self.ipsec.install([inbound], self._in_policies(self.remote[0], new_ip))
-        self._old_inbound = (self.saset.inbound, self._in_policies(self.remote[0],
-                                                                   self.local_ip))
+        self._leave(self.saset.inbound, self._in_policies(self.remote[0], self.local_ip))
         self.saset = replace(self.saset, inbound=inbound)
 
     def move_local(self, new_ip: str) -> None:
@@ -287,8 +291,10 @@ class MediaSession:
         if self.sender is not None:
             self.sender.retarget(self.remote, local_ip=new_ip)
         if self.ipsec is not None and self.saset is not None:
-            self.ipsec.remove([], self._out_policies(old_ip, self.remote[0],
-                                                     self.saset.outbound.spi))
+            # The old source's OUT policies stay until the switch is done: a packet the
+            # userspace engine has not encrypted yet still finds its way (and the moved SA).
+            self._leave(None, self._out_policies(old_ip, self.remote[0],
+                                                 self.saset.outbound.spi))
         self.local_ip = new_ip
         self.events.emit("media-moved", session=self.call_id, side="local", old=old_ip,
                          new=new_ip)
@@ -305,13 +311,11 @@ class MediaSession:
                                        Selector(out.src, new_ip, IPPROTO_UDP))
             self.ipsec.add_policies(self._out_policies(self.local_ip, new_ip, moved.spi))
             self.saset = replace(self.saset, outbound=moved)
-            self._old_inbound = (None, self._in_policies(old_ip, self.local_ip))
+            self._leave(None, [*self._in_policies(old_ip, self.local_ip),
+                               *self._out_policies(self.local_ip, old_ip, moved.spi)])
         self.remote = (new_ip, port)
         if self.sender is not None:
             self.sender.retarget(self.remote)
-        if self.ipsec is not None and self.saset is not None:
-            self.ipsec.remove([], self._out_policies(self.local_ip, old_ip,
-                                                     self.saset.outbound.spi))
         self.events.emit("media-moved", session=self.call_id, side="remote", old=old_ip,
                          new=new_ip)
 
@@ -344,14 +348,17 @@ class MediaSession:
         self.events.emit("media-renegotiated", session=self.call_id,
                          local=self.local_ip, remote=f"{self.remote[0]}:{self.remote[1]}")
 
+    def _leave(self, sa: SecurityAssociation | None, policies: list[Policy]) -> None:
+        """Keep what served the old address until the switch is done (make before break)."""
+        if sa is not None:
+            self._leftover_sas.append(sa)
+        self._leftover_policies += policies
+
     def finish_move(self) -> None:
         """Both ends switched: what served the old address goes."""
-        old = getattr(self, "_old_inbound", None)
-        if old is None or self.ipsec is None:
-            return
-        sa, policies = old
-        self.ipsec.remove([sa] if sa is not None else [], policies)
-        self._old_inbound = None
+        if self.ipsec is not None and (self._leftover_sas or self._leftover_policies):
+            self.ipsec.remove(self._leftover_sas, self._leftover_policies)
+        self._leftover_sas, self._leftover_policies = [], []
 
     def spis(self) -> set[int]:
         return {sa.spi for sa in self.saset.sas} if self.saset else set()

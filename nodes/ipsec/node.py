@@ -64,26 +64,39 @@ class NodeIpsec:
                 self._sas[(sa.dst, sa.spi)] = sa
                 if self._esp_sa is not None:
                     self._esp_sa.add(sa)
-            for pol in policies:
-                self.backend.add_policy(pol)
-                added_pols.append(pol)
-                self._policies[(pol.selector, pol.direction.value)] = pol
+            added_pols = list(policies)  # remove() takes what was never added in its stride
+            self._add_policies(added_pols)
         except Exception:
             self.remove(added_sas, added_pols)
             raise
 
     def remove(self, sas: Iterable[SecurityAssociation], policies: Iterable[Policy]) -> None:
         """Policies first (no packet may match a policy whose SA is gone), then SAs."""
-        for pol in policies:
-            self._try(self.backend.delete_policy, pol.selector, pol.direction)
+        pols = list(policies)
+        batch = getattr(self.backend, "delete_policies", None)
+        if batch is not None and pols:
+            self._try(batch, [(p.selector, p.direction) for p in pols])
+        else:
+            for pol in pols:
+                self._try(self.backend.delete_policy, pol.selector, pol.direction)
+        for pol in pols:
             self._policies.pop((pol.selector, pol.direction.value), None)
         for sa in sas:
             self._try(self.backend.delete_sa, sa.dst, sa.spi)
             self._sas.pop((sa.dst, sa.spi), None)
 
     def add_policies(self, policies: Iterable[Policy]) -> None:
-        for pol in policies:
-            self.backend.add_policy(pol)
+        self._add_policies(list(policies))
+
+    def _add_policies(self, pols: list[Policy]) -> None:
+        """All at once where the backend can (the userspace engine: one nft update)."""
+        batch = getattr(self.backend, "add_policies", None)
+        if batch is not None and len(pols) > 1:
+            batch(pols)
+        else:
+            for pol in pols:
+                self.backend.add_policy(pol)
+        for pol in pols:
             self._policies[(pol.selector, pol.direction.value)] = pol
 
     def update_policies(self, policies: Iterable[Policy]) -> None:

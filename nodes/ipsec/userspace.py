@@ -107,6 +107,7 @@ class UserspaceBackend(IPsecBackend):
         self._lock = threading.RLock()
         self._sad: dict[tuple[str, int], esp.SaState] = {}
         self._expiry: dict[tuple[str, int], float] = {}
+        self._moved: dict[tuple[str, str, int], tuple[tuple[str, int], float]] = {}
         self._spd = Spd()
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._tun_fd: int | None = None
@@ -288,6 +289,10 @@ class UserspaceBackend(IPsecBackend):
             state.window = old.window
             del self._sad[(dst, spi)]
             self._sad[(new_dst, spi)] = state
+            # Packets already queued on the TUN under the old addresses still go out on this
+            # SA (its sequence numbers continue): the kernel transforms at send time and has
+            # no such queue, so it never drops them; neither should we.
+            self._moved[(old.sa.src, dst, spi)] = ((new_dst, spi), time.monotonic() + 2.0)
             expiry = self._expiry.pop((dst, spi), None)
             if expiry is not None:
                 self._expiry[(new_dst, spi)] = expiry
@@ -346,6 +351,33 @@ class UserspaceBackend(IPsecBackend):
                 raise
         log.info("policy updated: %s %s spi=%s", policy.direction.value, policy.selector,
                  policy.spi)
+
+    def add_policies(self, policies: list[Policy]) -> None:
+        """Several policies with one nft update (each update is a process run)."""
+        for policy in policies:
+            check_policy(policy)
+        with self._lock:
+            added: list[Policy] = []
+            try:
+                for policy in policies:
+                    self._spd.add(policy)
+                    added.append(policy)
+                self._sync_nft()
+            except (IPsecError, ValueError) as exc:
+                for policy in added:
+                    self._spd.delete(policy.selector, policy.direction)
+                raise IPsecError(str(exc)) from exc
+        for policy in policies:
+            log.info("policy added: %s %s via %s->%s", policy.direction.value,
+                     policy.selector, policy.tmpl_src, policy.tmpl_dst)
+
+    def delete_policies(self, keys: list[tuple[Selector, Direction]]) -> None:
+        with self._lock:
+            gone = [k for k in keys if self._spd.delete(*k)]
+            if gone:
+                self._sync_nft()
+        for selector, direction in gone:
+            log.info("policy deleted: %s %s", direction.value, selector)
 
     def delete_policy(self, selector: Selector, direction: Direction) -> None:
         with self._lock:
@@ -463,7 +495,13 @@ class UserspaceBackend(IPsecBackend):
                 if template_accepts(policy, s.sa)
                 and (s.sa.selector is None or packet.matches(s.sa.selector))]
         fits.sort(key=lambda s: s.sa.selector is None)
-        return fits[0] if fits else None
+        if fits:
+            return fits[0]
+        if policy.spi is not None:  # an SA moved while this packet waited on the TUN
+            alias = self._moved.get((policy.tmpl_src, policy.tmpl_dst, policy.spi))
+            if alias is not None and alias[1] > time.monotonic():
+                return self._sad.get(alias[0])
+        return None
 
     def _send(self, packet: Ipv4Packet) -> None:
         assert self._tx is not None and self._rx is not None

@@ -94,8 +94,9 @@ def test_planned_switch_loses_no_rtp(lab: Lab) -> None:
     # Same keys, new address: a1's SAs now name 10.0.2.10 and nothing names wlan.
     assert all(WLAN not in (sel or "") for _, sel in media_sas(lab, "a1"))
     assert len(media_sas(lab, "a1")) == 2 and len(media_sas(lab, "b1")) == 2
-    esp = tshark_fields(lab.pcaps["a1-lte"], f"esp && ip.src=={LTE} && ip.dst=={B1}",
-                        ["esp.spi"])
+    esp = wait_until(lambda: tshark_fields(lab.pcaps["a1-lte"],
+                                           f"esp && ip.src=={LTE} && ip.dst=={B1}",
+                                           ["esp.spi"]), 10, "ESP on a1-lte")
     assert {int(r[0], 16) for r in esp} == {media(lab, "a1", cid)["spi_out"]}
     assert not tshark_fields(lab.pcaps["a1-lte"], f"udp && ip.addr=={B1}", ["udp.srcport"])
 
