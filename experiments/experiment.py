@@ -253,12 +253,11 @@ def report(run_dir: Path) -> None:
         print(f"analysis unavailable ({exc}); trials are in {run_dir / 'trials.jsonl'}")
         return
     results = analysis.analyze(run_dir)
-    for extra in ("plots", "ladder"):
-        try:
-            module = __import__(f"experiments.{extra}", fromlist=["make_all"])
-            module.make_all(run_dir, results)
-        except (ImportError, AttributeError) as exc:
-            print(f"{extra} unavailable: {exc}")
+    from experiments.ladder import draw_ladders
+    from experiments.plots import draw_plots
+
+    figures = [*draw_plots(run_dir, results), *draw_ladders(run_dir, results)]
+    print(f"{len(figures)} figures in {run_dir / 'plots'}")
     md = run_dir / "results.md"
     if md.exists():
         print(md.read_text())

@@ -59,6 +59,17 @@ VIDEO_CLOCK = 90_000
 MAX_PAYLOAD = 1200
 MAX_LATE_FRAMES = 10  # further behind schedule than this: re-base instead of bursting
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+
+
+def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    """The SO_TIMESTAMPNS arrival time (wall clock, ns) of a received datagram, if any."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return sec * 1_000_000_000 + nsec
+    return None
 
 Address = tuple[str, int]
 
@@ -88,6 +99,9 @@ def _udp_socket(local: Address, what: str, pktinfo: bool = False) -> socket.sock
     try:
         if pktinfo:
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            # Kernel receive timestamps: arrival times that do not depend on when the event
+            # loop gets round to reading (DESIGN §2: the receiver logs arrival times).
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.bind(local)
     except OSError as exc:
         sock.close()
@@ -478,7 +492,7 @@ class Receiver:
             except OSError as exc:  # e.g. ICMP error queued on the socket: keep going
                 self._emit("rx-error", error=exc.strerror or str(exc))
                 continue
-            t_ns = time.time_ns()
+            t_ns = _kernel_time(anc) or time.time_ns()
             iface, dst = _pktinfo(anc)
             if is_rtcp_port or looks_like_rtcp(data):
                 self._on_rtcp(data, addr, iface, t_ns)

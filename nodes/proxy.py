@@ -23,6 +23,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -361,12 +362,11 @@ class Proxy:
                 tx.reply(400, "Bad link-switch body")
                 self.secreg.discard_pending(pend)
                 return
-            if self._bind(tx) == 200:
+            after = (lambda: self._link_switch(req, key, moving)) if moving else None
+            if self._bind(tx, after) == 200:
                 for old_key, old in self.secreg.promote(key, pend, time.time_ns()):
                     self.registrar.remove_source(old_key)
                     self.secreg.remove(old, "re-registration")
-                if moving:
-                    self._link_switch(req, key, moving)
             else:
                 self.secreg.discard_pending(pend)
             return
@@ -454,7 +454,9 @@ class Proxy:
             self.events.emit("notify-refused", server=server, type=msg.TYPE,
                              status=resp.status)
 
-    def _bind(self, tx: ServerTransaction) -> int:
+    def _bind(self, tx: ServerTransaction, first: Callable[[], None] | None = None) -> int:
+        """Apply a REGISTER and answer it; `first` runs right after the 200, before the
+        servers hear of the registration (Fig 4: the switch request goes out at once)."""
         req = tx.request
         outcome = self.registrar.register(req, tx.source)
         if outcome.status != 200:
@@ -464,6 +466,11 @@ class Proxy:
             tx.reply(outcome.status, outcome.reason)
             return outcome.status
         now = time.monotonic()
+        contacts = [("Contact", f"<{b.contact.uri}>;expires={b.expires_in(now)}")
+                    for b in outcome.bindings]
+        tx.reply(200, headers=contacts)
+        if first is not None:
+            first()
         for b in outcome.added:
             self.events.emit("registered", aor=b.aor, contact=str(b.contact.uri),
                              source=list(b.source), expires=b.expires_in(now))
@@ -472,9 +479,6 @@ class Proxy:
             self.events.emit("unregistered", aor=b.aor, contact=str(b.contact.uri))
             self._registration_changed(b, False, req.call_id or "")
         self.counters["registered"] += len(outcome.added)
-        contacts = [("Contact", f"<{b.contact.uri}>;expires={b.expires_in(now)}")
-                    for b in outcome.bindings]
-        tx.reply(200, headers=contacts)
         return 200
 
     # -- status for the runner and the other servers ---------------------------------------
