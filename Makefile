@@ -5,7 +5,7 @@ TRIALS  ?= 5
 SCENARIO ?= all
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-vm test test-unit test-lab test-kernel lab experiment bench lint clean-captures
+.PHONY: help setup setup-vm test test-unit test-lab test-kernel lab experiment vm-experiment bench lint clean-captures
 
 help: ## list the targets
 	@echo "smig-lab targets (run as root, e.g. 'sudo make test'):"
@@ -39,6 +39,9 @@ experiment: setup ## run the handover experiments (TRIALS=, SCENARIO=)
 
 bench: setup ## REGISTER/s and call set-ups/s: smig-lab proxy vs Kamailio, side by side
 	$(PY) bench/run.py
+
+vm-experiment: setup-vm ## the experiment in the kernel VM (VM_TRIALS=1): kernel ESP, OVS datapath, netem (TCG timings)
+	SMIG_VM_MODE=experiment SMIG_VM_TRIALS=$(or $(VM_TRIALS),1) SMIG_VM_TIMEOUT=2400 SMIG_VM_MEMORY=4G bash scripts/vm/run-tests.sh
 
 lint: setup ## ruff
 	$(PY) -m ruff check .

@@ -91,6 +91,9 @@ class Capabilities:
     ipsec_backend: str = ""  # "kernel" or "userspace"
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    # Set (e.g. "TCG") when the lab runs inside an emulated VM: timings are then not
+    # comparable with a real machine's, only with each other (`make vm-experiment`).
+    emulation: str | None = field(default_factory=lambda: os.environ.get("SMIG_EMULATION"))
 
     def __post_init__(self) -> None:
         self.ovs_datapath = "kernel" if self.ovs_kernel_datapath else "user"
@@ -115,6 +118,9 @@ class Capabilities:
             )
         if not self.ovs_kernel_datapath:
             self.notes.append("no OVS kernel datapath: switches use the userspace datapath")
+        if self.emulation:
+            self.notes.append(f"timings taken under emulation ({self.emulation}): compare "
+                              "methods with each other, not with a real machine")
 
     def summary(self) -> str:
         yes = {True: "yes", False: "no"}

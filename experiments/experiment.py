@@ -259,6 +259,10 @@ def report(run_dir: Path) -> None:
     figures = [*draw_plots(run_dir, results), *draw_ladders(run_dir, results)]
     print(f"{len(figures)} figures in {run_dir / 'plots'}")
     md = run_dir / "results.md"
+    emulation = (results.get("capabilities") or {}).get("emulation")
+    if md.exists() and emulation:
+        md.write_text(f"> **Timings taken under emulation ({emulation})**: compare the methods "
+                      f"with each other, not with a real machine.\n\n" + md.read_text())
     if md.exists():
         print(md.read_text())
     print(f"results in {run_dir}")

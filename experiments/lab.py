@@ -130,7 +130,10 @@ class Lab:
         self.mininet_log = mininet_log
         # Control sockets; default <run>/ctl. A run folder on 9p/virtiofs (the VM's) cannot
         # hold Unix sockets, so the caller may put them elsewhere.
-        self.ctl_dir = ctl_dir
+        # Unix control sockets cannot live on some shared folders (the VM's 9p run folder):
+        # $SMIG_CTL_DIR puts them elsewhere.
+        env_ctl = os.environ.get("SMIG_CTL_DIR")
+        self.ctl_dir = ctl_dir or (Path(env_ctl) if env_ctl else None)
         self.requested_links = links or {}
         self.caps: Capabilities | None = None
         self.net: Any = None
@@ -324,7 +327,7 @@ class Lab:
         control socket in the run folder; returns the control client once it answers."""
         assert self.run_dir is not None
         ctl_dir = self.ctl_dir or self.run_dir / "ctl"
-        ctl_dir.mkdir(exist_ok=True)
+        ctl_dir.mkdir(parents=True, exist_ok=True)
         sock = ctl_dir / f"{name}.sock"
         events = self.run_dir / "events" / f"{name}.jsonl"
         proc = self.popen(host, [python(), "-m", module, *args, "--events", str(events),

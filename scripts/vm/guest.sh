@@ -29,8 +29,17 @@ else
   echo "guest: Open vSwitch did not start: see $run/ovs/start.log (lab tests will fail)" >&2
 fi
 
-.venv/bin/python -m pytest -m vm tests/vm -p no:cacheprovider -v \
-  --junitxml="$run/junit.xml" "$@" >"$run/pytest.log" 2>&1
-rc=$?
+if [ "${SMIG_VM_MODE:-test}" = experiment ]; then
+  # `make vm-experiment`: the experiment itself; results go to captures/ (a --rwdir), its
+  # control sockets to /tmp (Unix sockets cannot live on the shared folder).
+  SMIG_EMULATION=TCG SMIG_CTL_DIR=/tmp/smig-ctl .venv/bin/python -m experiments.experiment \
+    --trials "${SMIG_VM_TRIALS:-1}" --name vm-experiment >"$run/experiment.log" 2>&1
+  rc=$?
+  tail -n 60 "$run/experiment.log" >"$run/pytest.log"
+else
+  .venv/bin/python -m pytest -m vm tests/vm -p no:cacheprovider -v \
+    --junitxml="$run/junit.xml" "$@" >"$run/pytest.log" 2>&1
+  rc=$?
+fi
 echo "$rc" >"$run/rc"
 exit "$rc"

@@ -29,13 +29,16 @@ start=$(date +%s)
 set +e
 PATH="$here/.venv/bin:$PATH" timeout --kill-after=10 "${SMIG_VM_TIMEOUT:-900}" \
   vng --run "$kernel" --disable-kvm --cpus 2 --memory "${SMIG_VM_MEMORY:-2G}" \
-      --rwdir "$here/$run" --cwd "$here" \
+      --rwdir "$here/$run" $([ "${SMIG_VM_MODE:-test}" = experiment ] && \
+        mkdir -p "$here/captures" && echo --rwdir "$here/captures") --cwd "$here" \
       --exec "bash scripts/vm/guest.sh $run $*" </dev/null >"$run/console.log" 2>&1
 vng_rc=$?
 set -e
 end=$(date +%s)
 
-if [ -f "$run/pytest.log" ]; then
+if [ "${SMIG_VM_MODE:-test}" = experiment ] && [ -f "$run/pytest.log" ]; then
+  cat "$run/pytest.log"
+elif [ -f "$run/pytest.log" ]; then
   # pytest's closing lines (failures, summary) for the caller; the full log stays in $run.
   sed -n '/short test summary info\|=\{5,\} .*\(passed\|failed\|error\|skipped\|no tests ran\)/,$p' \
     "$run/pytest.log" | tail -n 40
