@@ -221,6 +221,7 @@ def run_experiment(scenarios: list[str], trials: int, name: str = "experiment",
             lab.say(f"delay sweep skipped: {why}")
             (lab.run_dir / "sweep.json").write_text(json.dumps({"skipped": why}) + "\n")
         todo = todo + sweep
+        start = time.monotonic()  # the ETA counts trials, not the lab's start-up
         try:
             for i, plan in enumerate(todo, 1):
                 rtt = _rtt_of(plan.scenario)

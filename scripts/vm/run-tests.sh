@@ -31,7 +31,8 @@ PATH="$here/.venv/bin:$PATH" timeout --kill-after=10 "${SMIG_VM_TIMEOUT:-900}" \
   vng --run "$kernel" --disable-kvm --cpus 2 --memory "${SMIG_VM_MEMORY:-2G}" \
       --rwdir "$here/$run" $([ "${SMIG_VM_MODE:-test}" = experiment ] && \
         mkdir -p "$here/captures" && echo --rwdir "$here/captures") --cwd "$here" \
-      --exec "bash scripts/vm/guest.sh $run $*" </dev/null >"$run/console.log" 2>&1
+      --exec "env SMIG_VM_MODE=${SMIG_VM_MODE:-test} SMIG_VM_TRIALS=${SMIG_VM_TRIALS:-1} bash scripts/vm/guest.sh $run $*" \
+      </dev/null >"$run/console.log" 2>&1
 vng_rc=$?
 set -e
 end=$(date +%s)
