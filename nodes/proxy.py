@@ -29,6 +29,7 @@ from functools import partial
 from typing import Any
 
 from nodes import smig
+from nodes.cli import node_arguments, start_logging
 from nodes.control import ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -555,27 +556,14 @@ async def _purge_loop(proxy: Proxy) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodes.proxy",
                                      description="smig-lab proxy/registrar")
-    parser.add_argument("--config", default="config/lab.json")
+    node_arguments(parser, credentials=True, trust=True)
     parser.add_argument("--listen", required=True, help="IPv4 address to listen on")
     parser.add_argument("--port", type=int, default=5060)
-    parser.add_argument("--mode", choices=("open", "ipsec-m2ms"), default="ipsec-m2ms")
-    parser.add_argument("--credentials", default="config/credentials.json",
-                        help="per-terminal PSKs (ipsec-m2ms mode)")
-    parser.add_argument("--ipsec", choices=("kernel", "userspace"), default="userspace",
-                        help="IPsec backend (the runner passes the probe's choice)")
-    parser.add_argument("--esp-sa", help="append installed SAs to this Wireshark esp_sa file")
     parser.add_argument("--notify", action="store_true",
                         help="the SMS and presence run: tell them about registrations and "
                         "calls (over static SAs keyed from --trust in ipsec-m2ms mode)")
-    parser.add_argument("--trust", default="config/trust.json",
-                        help="the servers' domain key for the static SAs")
-    parser.add_argument("--events", help="JSON-lines event log (default stdout)")
-    parser.add_argument("--control", help="Unix socket path for the control interface")
-    parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")
-    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    start_logging(args)
     return asyncio.run(run(args))
 
 

@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 from nodes import smig
+from nodes.cli import node_arguments, start_logging
 from nodes.control import ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -125,19 +126,9 @@ class SmigServer:
 def server_main(cls: type[SmigServer], argv: list[str] | None = None) -> int:
     """The command line shared by `nodes.sms` and `nodes.presence`."""
     parser = argparse.ArgumentParser(prog=f"python -m nodes.{cls.name}")
-    parser.add_argument("--config", default="config/lab.json")
-    parser.add_argument("--mode", choices=("open", "ipsec-m2ms"), default="ipsec-m2ms")
-    parser.add_argument("--trust", default="config/trust.json",
-                        help="the servers' domain key (static SAs to the proxy)")
-    parser.add_argument("--ipsec", choices=("kernel", "userspace"), default="userspace")
-    parser.add_argument("--esp-sa", help="append installed SAs to this Wireshark esp_sa file")
-    parser.add_argument("--events", help="JSON-lines event log (default stdout)")
-    parser.add_argument("--control", help="Unix socket path for the control interface")
-    parser.add_argument("--t1", type=float, default=0.5)
-    parser.add_argument("--log-level", default="WARNING")
+    node_arguments(parser, trust=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    start_logging(args)
     try:
         config = LabConfig.load(args.config)
         key = load_key(args.trust) if args.mode == "ipsec-m2ms" else None

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes import smig
+from nodes.cli import node_arguments, start_logging
 from nodes.control import CommandError, ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -507,21 +508,12 @@ def _iface(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodes.terminal",
                                      description="smig-lab terminal (SIP UA)")
+    node_arguments(parser, credentials=True)
     parser.add_argument("--name", required=True, help="terminal name, e.g. a1")
-    parser.add_argument("--config", default="config/lab.json")
     parser.add_argument("--local", required=True, help="local IPv4 address for SIP")
     parser.add_argument("--port", type=int, default=5060)
     parser.add_argument("--proxy", required=True, help="proxy IPv4 address")
     parser.add_argument("--proxy-port", type=int, default=5060)
-    parser.add_argument("--mode", choices=("open", "ipsec-m2ms"), default="ipsec-m2ms")
-    parser.add_argument("--credentials", default="config/credentials.json",
-                        help="per-terminal PSKs (ipsec-m2ms mode)")
-    parser.add_argument("--ipsec", choices=("kernel", "userspace"), default="userspace",
-                        help="IPsec backend (the runner passes the probe's choice)")
-    parser.add_argument("--esp-sa", help="append installed SAs to this Wireshark esp_sa file")
-    parser.add_argument("--events", help="JSON-lines event log (default stdout)")
-    parser.add_argument("--control", help="Unix socket path for the control interface")
-    parser.add_argument("--t1", type=float, default=0.5, help="SIP T1 in seconds")
     parser.add_argument("--media-dir", help="where received WAVs and media packet logs go")
     parser.add_argument("--iface", type=_iface, action="append", default=[],
                         help="IFNAME=IPV4 of an interface usable for SIP and media, repeatable")
@@ -532,10 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds without RTP that count as a failed link")
     parser.add_argument("--media-once", action="store_true",
                         help="play the speech sample once per call instead of looping it")
-    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    start_logging(args)
     return asyncio.run(run(args))
 
 
