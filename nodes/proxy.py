@@ -23,7 +23,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -137,35 +137,37 @@ class Proxy:
         self.endpoint = self.ep_s = self.ep_c = None
 
     # -- requests ---------------------------------------------------------------------------
-    async def _handle(self, tx: ServerTransaction) -> None:
+    def _handle(self, tx: ServerTransaction) -> Awaitable[None] | None:
+        """Answers REGISTERs and refusals in place; a request to forward comes back as the
+        coroutine that forwards it (the endpoint runs it as a task)."""
         req = tx.request
         self.counters[f"rx-{req.method}"] += 1
         if req.method == "REGISTER":
             self._register(tx)
-            return
+            return None
         source = tx.source
         if source[0] not in self.trusted:
             aor = self.registrar.aor_at(source)
             if aor is None:
                 self._drop(tx, "unregistered source")
-                return
+                return None
             if self.secreg is not None and tx.owner is not self.ep_s:
                 self._drop(tx, "not on the protected port")
-                return
+                return None
             frm = req.from_
             if frm is None or not isinstance(frm.uri, SipUri) or frm.uri.aor() != aor:
                 self.counters["forbidden-from"] += 1
                 self.events.emit("refused", status=403, why="From is not the registered user",
                                  method=req.method, call_id=req.call_id, source=list(source))
                 tx.reply(403, "From does not match the registered user")
-                return
+                return None
         if req.method == "INVITE":
             tx.reply(100)
         self._strip_own_route(req)
         hop = self._route(tx)
         if hop is None:
-            return
-        await self._forward(tx, hop)
+            return None
+        return self._forward(tx, hop)
 
     def _drop(self, tx: ServerTransaction, why: str) -> None:
         req = tx.request

@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import logging
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,7 +30,10 @@ from nodes.sip.transaction import ClientTransaction, ServerTransaction, Transact
 from nodes.sip.transport import Addr
 
 log = logging.getLogger(__name__)
-Handler = Callable[[ServerTransaction], Awaitable[None]]
+# A handler answers at once and returns None, or returns an awaitable the endpoint runs as a
+# task (an `async def` handler does the latter). A registrar answering REGISTER in place
+# saves a task per request.
+Handler = Callable[[ServerTransaction], Awaitable[None] | None]
 AckHandler = Callable[[Request, Addr], Any]
 StrayHandler = Callable[[Response, Addr], Any]
 
@@ -93,6 +97,13 @@ class SipEndpoint:
         self._clients: dict[tuple, ClientTransaction] = {}
         self._servers: dict[tuple, ServerTransaction] = {}
         self._accepted_invites: dict[tuple, ServerTransaction] = {}
+        # Completed non-INVITE server transactions (§17.2.2), kept as what the state needs
+        # and nothing more: key -> (response octets or None, where to, Timer J deadline).
+        # A busy registrar holds one per REGISTER for 64*T1; full objects with a timer
+        # each made the garbage collector its largest cost.
+        self._completed: dict[tuple, tuple[bytes | None, Addr, float]] = {}
+        self._completed_order: deque[tuple[float, tuple]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
         transport.set_receiver(self._on_datagram)
 
@@ -176,8 +187,11 @@ class SipEndpoint:
             log.exception("%s: error handling message from %s:%d", self.name, *addr)
 
     def _safe_send(self, msg: Request | Response, addr: Addr) -> None:
+        self._safe_send_octets(msg.serialize(), addr)
+
+    def _safe_send_octets(self, data: bytes, addr: Addr) -> None:
         try:
-            self._send(msg, addr)
+            self.transport.send(data, addr)
         except (OSError, ValueError) as e:
             log.warning("%s: send to %s:%d failed: %s", self.name, *addr, e)
 
@@ -216,6 +230,11 @@ class SipEndpoint:
         if tx is not None:
             tx.receive_retransmission()
             return
+        done = self._completed.get(key)
+        if done is not None:  # retransmission of a completed non-INVITE request
+            if done[0] is not None:
+                self._safe_send_octets(done[0], done[1])
+            return
         try:
             validate_request(req, self.policy)
         except SipError as e:
@@ -231,7 +250,13 @@ class SipEndpoint:
         if self.handler is None:
             tx.reply(501 if req.method != "INVITE" else 480)
             return
-        self._spawn(self._run_handler(tx))
+        try:
+            pending = self.handler(tx)
+        except Exception:
+            self._handler_failed(tx)
+            return
+        if pending is not None:
+            self._spawn(self._run_handler(tx, pending))
 
     def _new_server(self, req: Request, addr: Addr, key: tuple,
                     resp_addr: Addr) -> ServerTransaction:
@@ -274,14 +299,16 @@ class SipEndpoint:
                 inv.reply(487)
         log.debug("%s: CANCEL for %s", self.name, req.call_id)
 
-    async def _run_handler(self, tx: ServerTransaction) -> None:
-        assert self.handler is not None
+    async def _run_handler(self, tx: ServerTransaction, pending: Awaitable[None]) -> None:
         try:
-            await self.handler(tx)
+            await pending
         except Exception:
-            log.exception("%s: handler failed for %s", self.name, tx.request.method)
-            if not tx.final_sent:
-                tx.reply(500)
+            self._handler_failed(tx)
+
+    def _handler_failed(self, tx: ServerTransaction) -> None:
+        log.exception("%s: handler failed for %s", self.name, tx.request.method)
+        if not tx.final_sent:
+            tx.reply(500)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -320,9 +347,32 @@ class SipEndpoint:
             if self._accepted_invites.get(k) is tx:
                 del self._accepted_invites[k]
 
+    def _park(self, key: tuple, response: bytes | None, addr: Addr, timer_j: float) -> None:
+        """Keeps a completed non-INVITE server transaction as its final response octets
+        (None: a request dropped unanswered) until Timer J: retransmissions of the request
+        get the response again, or nothing, and never reach the handler."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timer_j
+        self._completed[key] = (response, addr, deadline)
+        self._completed_order.append((deadline, key))
+        if self._sweep is None:
+            self._sweep = loop.call_at(deadline, self._timer_j_sweep)
+
+    def _timer_j_sweep(self) -> None:
+        """Timer J for every parked transaction: one timer for all, deadlines in order."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        order, completed = self._completed_order, self._completed
+        while order and order[0][0] <= now:
+            deadline, key = order.popleft()
+            entry = completed.get(key)
+            if entry is not None and entry[2] <= now:  # not parked again since
+                del completed[key]
+        self._sweep = loop.call_at(order[0][0], self._timer_j_sweep) if order else None
+
     @property
     def transaction_count(self) -> int:
-        return len(self._clients) + len(self._servers)
+        return len(self._clients) + len(self._servers) + len(self._completed)
 
     async def close(self) -> None:
         """Stops all timers and handler tasks and closes the transport."""
@@ -332,6 +382,11 @@ class SipEndpoint:
         self._clients.clear()
         self._servers.clear()
         self._accepted_invites.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._completed.clear()
+        self._completed_order.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -2,7 +2,8 @@
 
 Client INVITE: timers A (retransmit), B (timeout), D (absorb final retransmits), M.
 Client non-INVITE: E (retransmit), F (timeout), K. Server INVITE: G (final retransmit),
-H (wait for ACK), I (absorb ACKs), L (accepted). Server non-INVITE: J.
+H (wait for ACK), I (absorb ACKs), L (accepted). Server non-INVITE: J (kept by the endpoint,
+see ``SipEndpoint._park``).
 The owner (``SipEndpoint``) sends octets and keeps the matching tables.
 """
 
@@ -324,22 +325,31 @@ class ServerTransaction(Transaction):
         if st not in (ServerState.TRYING, ServerState.PROCEEDING):
             return
         self.last_response = resp
-        self._send(resp, self.response_addr)
         if resp.status < 200:
+            self._send(resp, self.response_addr)
             self._set_state(ServerState.PROCEEDING)
-        else:
-            self._set_state(ServerState.COMPLETED)
-            self._start("J", self.cfg.j)
-            # From here on only the response is re-sent, for 64*T1: drop the request's parsed
-            # header objects (re-parsed if anyone asks), so the thousands of completed
-            # transactions a busy registrar holds cost the garbage collector less.
-            self.request.invalidate()
+            return
+        data = resp.serialize()
+        try:
+            self.owner.transport.send(data, self.response_addr)
+        except (OSError, ValueError) as e:
+            log.warning("%s %s: send failed: %s", self.kind, self.key[0], e)
+        self._set_state(ServerState.COMPLETED)
+        self._hand_over(data)
+
+    def _hand_over(self, response: bytes | None) -> None:
+        """Completed (§17.2.2) needs only the response octets until Timer J: the owner keeps
+        those and this object ends here, instead of living 64*T1 with a timer."""
+        self._set_state(ServerInviteState.TERMINATED if self.invite else ServerState.TERMINATED)
+        self.owner._park(self.key, response, self.response_addr, self.cfg.j)
+        log.debug("%s %s: retransmissions absorbed by the endpoint for Timer J (%g s)",
+                  self.kind, self.key[0], self.cfg.j)
 
     def discard(self) -> None:
         """Answer nothing (a proxy silently dropping a request): absorb retransmissions of it
-        until Timer J (64*T1) ends the transaction, so each is not handled anew."""
+        until Timer J (64*T1), so each is not handled anew."""
         if self.last_response is None:
-            self._start("J", self.cfg.j)
+            self._hand_over(None)
 
     def receive_retransmission(self) -> None:
         st = self.state
@@ -377,9 +387,8 @@ class ServerTransaction(Transaction):
             if self._acked is None or not self._acked.is_set():
                 log.info("%s %s: 2xx never acknowledged", self.kind, self.key[0])
             self._set_state(ServerInviteState.TERMINATED)
-        elif name in ("I", "J"):
-            self._set_state(ServerInviteState.TERMINATED if self.invite
-                            else ServerState.TERMINATED)
+        elif name == "I":
+            self._set_state(ServerInviteState.TERMINATED)
 
     def reply(self, status: int, reason: str | None = None, *,
               headers: Iterable[HeaderInput] = (), body: bytes = b"",

@@ -51,6 +51,10 @@ def _check_host(host: str) -> None:
         raise ValueError(f"invalid host name {host!r}")
 
 
+_PARSED: dict[str, SipUri] = {}
+_PARSED_MAX = 4096
+
+
 class SipUri:
     """sip: / sips: URI. Fields hold the text as written (escapes undecoded)."""
 
@@ -71,6 +75,19 @@ class SipUri:
 
     @classmethod
     def parse(cls, text: str) -> SipUri:
+        """Parses a SIP/SIPS URI. The same text gives the same object while it is in a
+        bounded cache: a parsed URI is never changed in place (``replace()`` makes a new
+        one), and a registrar sees the same few AOR and contact URIs in every request."""
+        uri = _PARSED.get(text)
+        if uri is None:
+            uri = cls._parse(text)
+            if len(_PARSED) >= _PARSED_MAX:  # bounded: URIs come from the network
+                _PARSED.clear()
+            _PARSED[text] = uri
+        return uri
+
+    @classmethod
+    def _parse(cls, text: str) -> SipUri:
         m = _SIP_RE.match(text)
         if m is None:
             if any(c in text for c in " \t\r\n"):

@@ -119,3 +119,93 @@ def test_finished_transactions_are_freed_without_the_cycle_collector() -> None:
         asyncio.run(main())
     finally:
         gc.enable()
+
+
+def test_bare_cr_and_lf_found_by_counting() -> None:
+    good = b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\n"
+    parse_message(good)
+    for bad in (good.replace(b"UDP h", b"UDP\rh"), good.replace(b"UDP h", b"UDP\nh"),
+                good.replace(b"\r\nVia", b"\nVia")):
+        with pytest.raises(ValueError, match="bare CR or LF in the header section"):
+            parse_message(bad)
+
+
+def test_parsed_uris_shared_by_text_and_cache_bounded() -> None:
+    from nodes.sip import uri as uri_module
+
+    a = SipUri.parse("sip:a1@10.0.1.10:5060")
+    assert SipUri.parse("sip:a1@10.0.1.10:5060") is a
+    assert SipUri.parse("sip:a1@10.0.1.10:5062") is not a
+    for i in range(uri_module._PARSED_MAX + 10):
+        SipUri.parse(f"sip:u{i}@m2m.example")
+    assert len(uri_module._PARSED) <= uri_module._PARSED_MAX
+    for _ in range(2):  # a refusal is not cached as anything
+        with pytest.raises(ValueError, match="whitespace in SIP URI 'sip:a b@c'"):
+            SipUri.parse("sip:a b@c")
+
+
+REGISTER = Request("REGISTER", "sip:m2m.example", [
+    ("From", "<sip:a1@m2m.example>;tag=1"), ("To", "<sip:a1@m2m.example>"),
+    ("Call-ID", "r1"), ("CSeq", "1 REGISTER")])
+
+
+def _register_twice(handler, drop_first_answer: bool = True):  # type: ignore[no-untyped-def]
+    """Sends REGISTER through a loss-free server whose first answer (if any) is lost, so
+    the client retransmits; returns (server endpoint, client's final or exception, net)."""
+    async def main():  # type: ignore[no-untyped-def]
+        from nodes.sip.transport import drop_first
+
+        net = MemoryNetwork()
+        cfg = TimerConfig.lab(0.01)
+        a = SipEndpoint(net.transport(("10.0.1.10", 5060)), timers=cfg)
+        b = SipEndpoint(net.transport(("10.0.2.10", 5060)), handler, timers=cfg)
+        if drop_first_answer:
+            net.rules.append(drop_first(1, src=("10.0.2.10", 5060)))
+        req = Request("REGISTER", REGISTER.uri, list(REGISTER.headers))
+        try:
+            result = await a.request(req, ("10.0.2.10", 5060))
+        except Exception as e:
+            result = e
+        parked = b.transaction_count
+        await a.close()
+        await b.close()
+        return result, parked, net
+
+    return asyncio.run(main())
+
+
+def test_completed_transaction_answers_retransmissions_from_its_octets() -> None:
+    calls: list[ServerTransaction] = []
+
+    def sync_handler(tx: ServerTransaction) -> None:  # answers in place: no task
+        calls.append(tx)
+        tx.reply(200)
+
+    resp, parked, net = _register_twice(sync_handler)
+    assert resp.status == 200 and len(calls) == 1  # the retransmission never reached it
+    sent = [p.data for p in net.sent(("10.0.2.10", 5060), b"SIP/2.0 200")]
+    assert len(sent) == 2 and sent[0] == sent[1]  # the same octets again
+    assert parked == 1  # kept (as octets) until Timer J
+    assert calls[0].state.name == "TERMINATED"  # the object itself is done
+
+
+def test_discarded_request_absorbs_retransmissions_silently() -> None:
+    calls: list[ServerTransaction] = []
+
+    def dropping(tx: ServerTransaction) -> None:
+        calls.append(tx)
+        tx.discard()
+
+    result, _, net = _register_twice(dropping, drop_first_answer=False)
+    assert type(result).__name__ == "TransactionTimeout"
+    assert len(calls) == 1  # every retransmission absorbed, none handled anew
+    assert len(net.sent(("10.0.1.10", 5060), b"REGISTER")) > 3
+    assert not net.sent(("10.0.2.10", 5060))
+
+
+def test_sync_handler_that_raises_gets_500() -> None:
+    def broken(tx: ServerTransaction) -> None:
+        raise RuntimeError("boom")
+
+    resp, _, _ = _register_twice(broken, drop_first_answer=False)
+    assert resp.status == 500
