@@ -14,6 +14,8 @@ import time
 from typing import IO, Any
 
 log = logging.getLogger("events")
+# One encoder for every line: json.dumps(default=...) would build a new one per call.
+_ENCODER = json.JSONEncoder(default=str)
 
 
 class EventLog:
@@ -24,7 +26,7 @@ class EventLog:
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"t_ns": time.time_ns(), "node": self.node, "event": event, **fields}
-        self._stream.write(json.dumps(record, default=str) + "\n")
+        self._stream.write(_ENCODER.encode(record) + "\n")
         self._stream.flush()
         return record
 
