@@ -29,7 +29,7 @@ from functools import partial
 from typing import Any
 
 from nodes import smig
-from nodes.cli import node_arguments, start_logging
+from nodes.cli import node_arguments, start_logging, tune_gc_for_server
 from nodes.control import ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -538,6 +538,7 @@ async def _serve(args: argparse.Namespace, config: LabConfig, creds: Credentials
         control.command("status", status, help="registrations and counters")
         await control.start()
     print(f"proxy: {args.mode} mode on {args.listen}:{args.port}", flush=True)
+    tune_gc_for_server()
     purge = asyncio.ensure_future(_purge_loop(proxy))
     await until_stopped()
     purge.cancel()
