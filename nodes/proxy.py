@@ -103,6 +103,7 @@ class Proxy:
                          timers=self.timers, policy=PROXY_POLICY, auto_trying=False,
                          answer_cancel=False, name=name)
         ep.ack_handler = self._on_ack
+        ep.admit = partial(self._admit, ep)
         ep.stray_response_handler = partial(self._on_stray_response, ep)
         return ep
 
@@ -137,23 +138,33 @@ class Proxy:
         self.endpoint = self.ep_s = self.ep_c = None
 
     # -- requests ---------------------------------------------------------------------------
+    def _admit(self, ep: SipEndpoint, req: Request, source: Addr) -> bool:
+        """Which new requests the endpoint may handle at all (DESIGN §2): REGISTER from
+        anywhere; anything else only from a registered source (on the protected port in
+        ipsec-m2ms mode) or a configured server. The rest — CANCEL included, which the
+        endpoint would otherwise answer itself — is dropped without a word."""
+        self.counters[f"rx-{req.method}"] += 1
+        if req.method == "REGISTER" or source[0] in self.trusted:
+            return True
+        if self.registrar.aor_at(source) is None:
+            why = "unregistered source"
+        elif self.secreg is not None and ep is not self.ep_s:
+            why = "not on the protected port"
+        else:
+            return True
+        self._count_drop(req, source, why)
+        return False
+
     def _handle(self, tx: ServerTransaction) -> Awaitable[None] | None:
         """Answers REGISTERs and refusals in place; a request to forward comes back as the
         coroutine that forwards it (the endpoint runs it as a task)."""
         req = tx.request
-        self.counters[f"rx-{req.method}"] += 1
         if req.method == "REGISTER":
             self._register(tx)
             return None
         source = tx.source
-        if source[0] not in self.trusted:
+        if source[0] not in self.trusted:  # admitted: registered at this source
             aor = self.registrar.aor_at(source)
-            if aor is None:
-                self._drop(tx, "unregistered source")
-                return None
-            if self.secreg is not None and tx.owner is not self.ep_s:
-                self._drop(tx, "not on the protected port")
-                return None
             frm = req.from_
             if frm is None or not isinstance(frm.uri, SipUri) or frm.uri.aor() != aor:
                 self.counters["forbidden-from"] += 1
@@ -170,13 +181,15 @@ class Proxy:
         return self._forward(tx, hop)
 
     def _drop(self, tx: ServerTransaction, why: str) -> None:
-        req = tx.request
+        self._count_drop(tx.request, tx.source, why)
+        tx.discard()
+
+    def _count_drop(self, req: Request, source: Addr, why: str) -> None:
         self.counters["dropped-unregistered" if why == "unregistered source"
                       else "dropped-unprotected"] += 1
-        log.info("dropped %s from %s:%d: %s", req.method, *tx.source, why)
+        log.info("dropped %s from %s:%d: %s", req.method, *source, why)
         self.events.emit("dropped", why=why, method=req.method, call_id=req.call_id,
-                         source=list(tx.source))
-        tx.discard()
+                         source=list(source))
 
     def _strip_own_route(self, req: Request) -> None:
         routes = req.values("route")

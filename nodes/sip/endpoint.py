@@ -113,6 +113,9 @@ class SipEndpoint:
         self.name = name
         self.ack_handler: AckHandler | None = None
         self.stray_response_handler: StrayHandler | None = None
+        # Consulted for each new request (not ACK) before anything is answered: False drops
+        # it silently, retransmissions included (a proxy's rule for unknown sources).
+        self.admit: Callable[[Request, Addr], bool] | None = None
         self._clients: dict[tuple, ClientTransaction] = {}
         self._servers: dict[tuple, ServerTransaction] = {}
         self._accepted_invites: dict[tuple, ServerTransaction] = {}
@@ -254,6 +257,9 @@ class SipEndpoint:
         if done is not None:  # retransmission of a completed non-INVITE request
             if done[0] is not None:
                 self._safe_send_octets(done[0], done[1])
+            return
+        if self.admit is not None and not self.admit(req, addr):
+            self._new_server(req, addr, key, resp_addr).discard()
             return
         try:
             validate_request(req, self.policy)

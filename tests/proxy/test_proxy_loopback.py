@@ -131,6 +131,27 @@ async def _send(ep: SipEndpoint, net: Net, method: str, frm: str, to: str,
         return 0
 
 
+def test_unregistered_source_gets_no_answer_to_any_method(tmp_path: Path) -> None:
+    """CANCEL, BYE, OPTIONS and a malformed request from an unregistered source: silence
+    (the endpoint would answer CANCEL and bad requests itself were it not for admission)."""
+    async def scenario(net: Net) -> None:
+        ep = await _raw_endpoint("127.0.0.4")
+        try:
+            for method in ("CANCEL", "BYE", "OPTIONS"):
+                assert await _send(ep, net, method, "a2", "b1") == 0
+            bad = await _send(ep, net, "MESSAGE", "a2", "b1", [("Expires", "soon")])
+            assert bad == 0  # registered, this would be a 400
+            assert await _send(ep, net, "REGISTER", "a2", "a2", [("Expires", "60")]) == 200
+            assert await _send(ep, net, "MESSAGE", "a2", "b1", [("Expires", "soon")]) == 400
+        finally:
+            await ep.close()
+        counters = net.proxy.status()["counters"]
+        assert counters["dropped-unregistered"] == 4
+        assert counters["rx-CANCEL"] == 1 and counters["rx-REGISTER"] == 1
+
+    run(scenario, tmp_path)
+
+
 def test_spoofed_from_is_403(tmp_path: Path) -> None:
     async def scenario(net: Net) -> None:
         b1 = await net.terminal("b1", "127.0.0.3")
