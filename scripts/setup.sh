@@ -12,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 base_pkgs=(mininet openvswitch-switch tshark tcpdump iputils-ping iproute2 python3-venv
-           python3-pip sip-tester kamailio espeak-ng sox procps psmisc ethtool nftables)
+           python3-pip sip-tester kamailio espeak-ng sox procps psmisc ethtool nftables
+           python3-nftables)
 vm_pkgs=(qemu-system-x86 linux-image-amd64 busybox-static)
 pkgs=("${base_pkgs[@]}")
 [ "${1:-base}" = vm ] && pkgs+=("${vm_pkgs[@]}")

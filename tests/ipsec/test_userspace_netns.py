@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from nodes.ipsec.api import Direction, IPsecError, Policy, SecurityAssociation, Selector
+from nodes.ipsec.nft import Nft
+from nodes.ipsec.spd import nft_ruleset
 from nodes.ipsec.userspace import UserspaceBackend
 
 pytestmark = [
@@ -47,12 +49,14 @@ def make_sa(spi: int = 0x1001) -> SecurityAssociation:
                                b"\x02" * 32)
 
 
-def test_backend_lives_in_the_given_namespace(netns: str,
+@pytest.mark.parametrize("in_process", [True, False], ids=["libnftables", "nft-process"])
+def test_backend_lives_in_the_given_namespace(netns: str, in_process: bool,
                                               caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    backend = UserspaceBackend(netns=netns)
+    backend = UserspaceBackend(netns=netns, nft_in_process=in_process)
     try:
         backend.start()
+        assert f"({'libnftables' if in_process else 'nft process'})" in caplog.text
         assert backend.tun in run("ip", "-n", netns, "link", "show")
         assert backend.tun not in run("ip", "link", "show")
         assert backend.table in run("ip", "netns", "exec", netns, "nft", "list", "tables")
@@ -134,3 +138,25 @@ def test_start_failure_leaves_nothing(netns: str) -> None:
         backend.start()
     assert backend.table not in run("ip", "netns", "exec", netns, "nft", "list", "tables")
     assert "fwmark" not in run("ip", "-n", netns, "rule", "show")
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["libnftables", "nft-process"])
+def test_nft_batches_run_in_the_namespace_and_fail_whole(netns: str, in_process: bool) -> None:
+    nft = Nft(netns, in_process=in_process)
+    assert nft.mode == ("libnftables" if in_process else "nft process")
+    pol = Policy(Selector(A, B, 17, 5000, 6000), Direction.IN, B, A)
+    nft.run(nft_ruleset("smig_esp_t1", "smespt1", 7, [pol]))
+    try:
+        listing = run("ip", "netns", "exec", netns, "nft", "list", "table", "ip", "smig_esp_t1")
+        assert "udp sport 5000 udp dport 6000" in listing
+        assert "smig_esp_t1" not in run("nft", "list", "tables")  # not in our namespace
+        assert nft.counter_packets("smig_esp_t1", "policy_drops") == 0
+        # A batch with a bad line changes nothing; the error is nft's own, one line.
+        with pytest.raises(IPsecError, match=r"^nft failed: .*Error: syntax error") as err:
+            nft.run("flush chain ip smig_esp_t1 in\nadd rule ip smig_esp_t1 in bogus\n")
+        assert "\n" not in str(err.value)
+        assert run("ip", "netns", "exec", netns, "nft", "list", "table", "ip",
+                   "smig_esp_t1") == listing
+    finally:
+        nft.run("delete table ip smig_esp_t1\n")
+    assert nft.counter_packets("smig_esp_t1", "policy_drops") == 0  # gone: 0, no error
