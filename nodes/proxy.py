@@ -402,12 +402,14 @@ class Proxy:
             return []
         return smig.parse_link_switch_body(req.body)
 
-    def _link_switch(self, req: Request, source: Addr, sessions: list[str]) -> None:
+    def _link_switch(self, req: Request, source: Addr, sessions: list[str]) -> bool:
         """Right after the registration completes, the REGISTER is the switch request: the
-        SMS configures both ends. In-dialog requests for the terminal follow it too."""
+        SMS configures both ends. In-dialog requests for the terminal follow it too. The
+        link-switch notice is also the SMS's registration notice (one message, not two);
+        True if it went out."""
         term = self.config.terminal_of(str(req.to.uri)) if req.to else None
-        if term is None:
-            return
+        if term is None or not self.notify_servers:
+            return False
         binding = next((b for b in self.registrar.bindings(self.config.aor(term.name))
                         if b.source == source), None)
         if binding is not None:
@@ -416,6 +418,7 @@ class Proxy:
                          sessions=sessions, address=source[0])
         for session in sessions:
             self._notify("sms", smig.LinkSwitch(session, term.name, source[0]))
+        return True
 
     def _bound_from(self, source: Addr) -> bool:
         return self.registrar.bound_from(source)
@@ -429,7 +432,8 @@ class Proxy:
                 self.secreg.drop_assoc(b.source, "registration expired")
 
     # -- telling the servers (DESIGN §2: the proxy informs the SMS and presence) -------------
-    def _registration_changed(self, b: Binding, registered: bool, call_id: str) -> None:
+    def _registration_changed(self, b: Binding, registered: bool, call_id: str,
+                              servers: tuple[str, ...] = ("sms", "presence")) -> None:
         if not self.notify_servers:
             return
         term = self.config.terminal_of(b.aor)
@@ -437,7 +441,7 @@ class Proxy:
             return
         msg = smig.Registration(call_id or "registration", term.name, registered,
                                 b.contact.uri.host if registered else None)
-        for server in ("sms", "presence"):
+        for server in servers:
             self._notify(server, msg)
 
     def _session_established(self, req: Request) -> None:
@@ -470,9 +474,10 @@ class Proxy:
             self.events.emit("notify-refused", server=server, type=msg.TYPE,
                              status=resp.status)
 
-    def _bind(self, tx: ServerTransaction, first: Callable[[], None] | None = None) -> int:
+    def _bind(self, tx: ServerTransaction, first: Callable[[], bool] | None = None) -> int:
         """Apply a REGISTER and answer it; `first` runs right after the 200, before the
-        servers hear of the registration (Fig 4: the switch request goes out at once)."""
+        servers hear of the registration (Fig 4: the switch request goes out at once); if it
+        returns True it has told the SMS, which then hears no separate registration notice."""
         req = tx.request
         outcome = self.registrar.register(req, tx.source)
         if outcome.status != 200:
@@ -485,12 +490,12 @@ class Proxy:
         contacts = [("Contact", f"<{b.contact.uri}>;expires={b.expires_in(now)}")
                     for b in outcome.bindings]
         tx.reply(200, headers=contacts)
-        if first is not None:
-            first()
+        told_sms = first() if first is not None else False
         for b in outcome.added:
             self.events.emit("registered", aor=b.aor, contact=str(b.contact.uri),
                              source=list(b.source), expires=b.expires_in(now))
-            self._registration_changed(b, True, req.call_id or "")
+            self._registration_changed(b, True, req.call_id or "",
+                                       ("presence",) if told_sms else ("sms", "presence"))
         for b in outcome.removed:
             self.events.emit("unregistered", aor=b.aor, contact=str(b.contact.uri))
             self._registration_changed(b, False, req.call_id or "")

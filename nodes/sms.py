@@ -229,10 +229,12 @@ class SessionManager(SmigServer):
         ends right away (same terminals, same keys: no security information needed)."""
         if sender not in ("proxy", msg.terminal):
             raise Refusal(403, "A link switch comes from the proxy or the terminal itself")
+        old = self.addresses.get(msg.terminal)
+        if sender == "proxy":  # the link-switch REGISTER: also its registration notice
+            self.addresses[msg.terminal] = msg.address
         session = self._session_of(msg.session, msg.terminal)
         if session.switch is not None:
             raise Refusal(491, "A switch is already in progress")
-        old = self.addresses.get(msg.terminal)
         if old is None:
             raise Refusal(480, f"{msg.terminal} has no registered address")
         self.addresses[msg.terminal] = msg.address
