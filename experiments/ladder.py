@@ -1,10 +1,14 @@
 """Ladder diagrams (message sequence charts like the paper's Figs 3 and 4) drawn from the
 captured, decrypted SIP of a trial's procedure at the proxy — every terminal<->server message
-crosses it, so its capture holds every leg. One PNG per scenario x method (first ok trial):
+crosses it, so its capture holds every leg. One PNG per scenario x method, for its median
+trial by handover time (experiments.plots.median_trials; named in the title):
 ``plots/ladder-<scenario>-<method>.png``; lanes for the nodes involved (a terminal with two
 interfaces gets a lane per interface), an arrow per message with its method or status and the
 SMIG type of its JSON body, time flowing downwards (one row per message, the time from the
-trigger on the left; retransmissions dashed in red).
+trigger on the left; retransmissions dashed in red). Rows of their own, a labelled line across
+the lanes in the timelines' styles, mark the trigger, the mover's detection (fault scenarios),
+the first RTP on the new path (the handover) and the completion of the procedure, where the
+trial record has them.
 """
 
 from __future__ import annotations
@@ -16,8 +20,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after matplotlib.use: the backend is chosen first
+from matplotlib.axes import Axes
 
-from experiments.plots import _slug, first_trials
+from experiments.plots import (
+    MARKER_STYLES,
+    Marker,
+    Pick,
+    _fmt,
+    _slug,
+    caption,
+    markers,
+    median_trials,
+)
 
 LANE_ORDER = ("a1", "a2", "proxy", "sms", "presence", "b2", "b1")
 
@@ -49,35 +63,63 @@ def _lane_key(lane: str) -> tuple[int, str]:
     return (LANE_ORDER.index(node) if node in LANE_ORDER else len(LANE_ORDER), lane)
 
 
-def ladder(result: dict[str, Any], out: Path) -> Path:
+Row = dict[str, Any] | Marker  # a message (of message_list) or a marked instant
+
+
+def ladder_rows(result: dict[str, Any]) -> list[Row]:
+    """The messages and the markers of a trial in time order: the trigger before the messages
+    of its instant, the other markers after them (a completion is its last message)."""
+    def key(row: Row) -> tuple[float, int]:
+        if isinstance(row, Marker):
+            return (row.t_ms, -1 if row.kind == "trigger" else 1)
+        return (row["t_ms"], 0)
+    return sorted([*(result.get("message_list") or []), *markers(result)], key=key)
+
+
+def _draw_message(ax: Axes, row: int, m: dict[str, Any], a: int, b: int) -> None:
+    again = m.get("retransmission")
+    color = "tab:red" if again else ("tab:blue" if m["label"][0].isalpha() else "0.35")
+    ax.annotate("", xy=(b, row), xytext=(a, row),
+                arrowprops={"arrowstyle": "-|>", "color": color, "linewidth": 1.1,
+                            "linestyle": "--" if again else "-"})
+    label = m["label"] + (" (retransmission)" if again else "")
+    ax.text((a + b) / 2, row - 0.12, label, ha="center", va="bottom", fontsize=7.5,
+            color=color)
+
+
+def _draw_marker(ax: Axes, row: int, mark: Marker, lanes: int) -> None:
+    style = MARKER_STYLES[mark.kind]
+    ax.plot([-0.3, lanes - 0.7], [row, row], linewidth=1.4, **style)
+    ax.text(lanes - 0.7, row - 0.1, f"{mark.label} ({mark.t_ms:+.0f} ms)", ha="right",
+            va="bottom", fontsize=7.5, fontweight="bold", color=style["color"],
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+
+
+def ladder(pick: Pick, out: Path) -> Path:
     """One trial's procedure as a message sequence chart."""
+    result = pick.result
     msgs = result.get("message_list") or []
     lanes = lane_names(msgs)
     order = sorted(set(lanes.values()), key=_lane_key)
     x = {lane: i for i, lane in enumerate(order)}
-    rows = len(msgs)
-    fig, ax = plt.subplots(figsize=(2.0 + 1.9 * max(2, len(order)), 1.6 + 0.32 * rows))
+    rows = ladder_rows(result)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.9 * max(2, len(order)), 1.8 + 0.32 * len(rows)))
     for lane, i in x.items():
-        ax.plot([i, i], [-0.8, rows], color="0.55", linewidth=1)
+        ax.plot([i, i], [-0.8, len(rows)], color="0.55", linewidth=1)
         ax.text(i, -1.0, lane, ha="center", va="bottom", fontsize=9, fontweight="bold")
-    for row, m in enumerate(msgs):
-        a = x[lanes[m.get("src_ip") or m["src"]]]
-        b = x[lanes[m.get("dst_ip") or m["dst"]]]
-        again = m.get("retransmission")
-        color = "tab:red" if again else ("tab:blue" if m["label"][0].isalpha() else "0.35")
-        ax.annotate("", xy=(b, row), xytext=(a, row),
-                    arrowprops={"arrowstyle": "-|>", "color": color, "linewidth": 1.1,
-                                "linestyle": "--" if again else "-"})
-        label = m["label"] + (" (retransmission)" if again else "")
-        ax.text((a + b) / 2, row - 0.12, label, ha="center", va="bottom", fontsize=7.5,
-                color=color)
-        ax.text(-0.6, row, f"{m['t_ms']:+.1f} ms", ha="right", va="center", fontsize=7,
-                color="0.3")
+    for y, row in enumerate(rows):
+        if isinstance(row, Marker):
+            _draw_marker(ax, y, row, len(order))
+            t_ms, color = row.t_ms, MARKER_STYLES[row.kind]["color"]
+        else:
+            _draw_message(ax, y, row, x[lanes[row.get("src_ip") or row["src"]]],
+                          x[lanes[row.get("dst_ip") or row["dst"]]])
+            t_ms, color = row["t_ms"], "0.3"
+        ax.text(-0.6, y, f"{t_ms:+.1f} ms", ha="right", va="center", fontsize=7, color=color)
     ax.set_xlim(-1.4, len(order) - 0.4)
-    ax.set_ylim(rows + 0.3, -1.6)
+    ax.set_ylim(len(rows) + 0.3, -1.6)
     ax.axis("off")
-    ax.set_title(f"{result['scenario']} / {result['method']} (trial {result['trial']}): "
-                 f"{result.get('messages')} messages at the proxy, handover "
+    ax.set_title(f"{caption(pick)}\n{result.get('messages')} messages at the proxy, handover "
                  f"{_fmt(result.get('handover_ms'))} ms", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -85,13 +127,9 @@ def ladder(result: dict[str, Any], out: Path) -> Path:
     return out
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:.0f}"
-
-
 def draw_ladders(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
-    """A ladder for the first ok trial of each scenario x method of an analysed run."""
+    """A ladder for the median trial of each scenario x method of an analysed run."""
     out_dir = Path(run_dir) / "plots"
     out_dir.mkdir(exist_ok=True)
-    return [ladder(t, out_dir / f"ladder-{_slug(t['scenario'], t['method'])}.png")
-            for t in first_trials(summary) if t.get("message_list")]
+    return [ladder(p, out_dir / f"ladder-{_slug(p.result['scenario'], p.result['method'])}.png")
+            for p in median_trials(summary) if p.result.get("message_list")]
