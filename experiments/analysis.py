@@ -167,7 +167,12 @@ def load_trials(run_dir: Path) -> tuple[list[Trial], list[str]]:
         if not line.strip():
             continue
         try:
-            trials.append(Trial.from_json(json.loads(line)))
+            record = json.loads(line)
+            if isinstance(record, dict) and record.pop("interrupted", False):
+                bad.append(f"{record.get('scenario')}/{record.get('method')}"
+                           f"#{record.get('trial')}: interrupted (Ctrl-C), not counted")
+                continue
+            trials.append(Trial.from_json(record))
         except (ValueError, TypeError) as exc:
             bad.append(f"trials.jsonl line {n}: {exc}")
     return trials, bad

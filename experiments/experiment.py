@@ -20,17 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from experiments.console import guard
 from experiments.control import NodeControl, NodeError
-from experiments.lab import Lab, wait_until
+from experiments.lab import Lab, LabError, wait_until
 from topologies.m2m import address
 
 SCENARIOS: dict[str, tuple[str, str | None]] = {  # name -> (family, fault kind)
@@ -94,6 +93,10 @@ class Runner:
             record["ok"] = True
         except (NodeError, TimeoutError, OSError, RuntimeError) as exc:
             record["error"] = str(exc)
+        except KeyboardInterrupt:
+            record["error"] = "interrupted"
+            record["interrupted"] = True
+            raise
         finally:
             record.setdefault("t_end_ns", time.time_ns())
             self._cleanup(record)
@@ -189,10 +192,6 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return list(read_jsonl(path))
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _rtt_of(scenario: str) -> int | None:
     _, sep, rtt = scenario.partition("-rtt")
     return int(rtt) if sep else None
@@ -286,11 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; "
                      f"known: all, {', '.join(SCENARIOS)}")
-    signal.signal(signal.SIGTERM, _sigterm)
+    guard()
     try:
         run_experiment(scenarios, args.trials, args.name, args.sweep_trials)
     except KeyboardInterrupt:
         return 130
+    except LabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,14 +6,17 @@ captures every host interface, and tears down exactly what it created.
         fault = lab.faults.inject("wlan", "wlan-a1", "down")
         ...
 
-Teardown runs on success, on exceptions and on Ctrl-C/SIGTERM (the runner turns SIGTERM
-into KeyboardInterrupt), with further signals held off until it is done. It never calls
+Teardown runs on success, on exceptions and on Ctrl-C, SIGTERM and SIGHUP (the runners turn
+them into KeyboardInterrupt: experiments.console), with further signals held off until it is
+done. Processes the lab starts get SIGTERM when its process dies, even by SIGKILL; what such a
+run leaves behind (bridges, links: its manifest.json) the next lab removes at start. It never calls
 `mn -c`: other labs' bridges and controllers on the machine are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from experiments.capabilities import Capabilities, probe
+from experiments.console import STOP_SIGNALS
 from experiments.control import NodeControl
 from experiments.faults import FaultClient
 from topologies.m2m import ACCESS_NETWORKS, M2M_HOSTS, M2M_NETWORKS, M2MTopo, address
@@ -62,6 +66,16 @@ def wait_until(
         time.sleep(interval)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_the_lab() -> None:
+    """Runs in each child before exec: SIGTERM to it when the lab's process dies, even by
+    SIGKILL, when no teardown can run (node programs clean up on SIGTERM). Survives exec
+    and mnexec's setsid; the lab starts its children from its main thread."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,6 +94,69 @@ def new_run_dir(name: str) -> Path:
             (run / sub).mkdir()
         return run
     raise RuntimeError(f"could not create a run folder under {CAPTURES}")
+
+
+class LabError(RuntimeError):
+    """The lab cannot start here (the runners print it as one line, no traceback)."""
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, it names the process
+    exactly, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def lab_link_names() -> set[str]:
+    """The interface names the topology creates in the root namespace (both ends of each
+    veth start there)."""
+    names = {f"{net}-r0" for net in M2M_NETWORKS} | {f"r0-{net}" for net in M2M_NETWORKS}
+    for host, nets in M2M_HOSTS.items():
+        names |= {n for net, _ in nets for n in (f"{net}-{host}", f"{host}-{net}")}
+    return names
+
+
+def stale_runs() -> list[Path]:
+    """Run folders whose lab never stopped and whose runner is gone (killed with SIGKILL, or
+    the machine's OOM killer): what they created may still be there, and is theirs."""
+    found = []
+    for manifest in sorted(CAPTURES.glob("*/manifest.json")):
+        try:
+            m = json.loads(manifest.read_text())
+            runner = m.get("runner") or {}
+            pid, started = int(runner["pid"]), runner["started"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if m.get("stopped") is False and _start_time(pid) != started:
+            found.append(manifest.parent)
+    return found
+
+
+def clean_stale_run(run_dir: Path, say: Callable[[str], None]) -> list[str]:
+    """Remove what a dead run left (its bridges and links, by its manifest) and mark it
+    stopped; returns what was removed. Its processes died with it (PR_SET_PDEATHSIG)."""
+    manifest = run_dir / "manifest.json"
+    m = json.loads(manifest.read_text())
+    removed = []
+    bridges = set(subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
+                                 text=True, check=False).stdout.split())
+    for br in m.get("bridges", []):
+        if br in bridges:
+            subprocess.run(["ovs-vsctl", "--timeout=5", "--if-exists", "del-br", br],
+                           check=False)
+            removed.append(f"bridge {br}")
+    for link in m.get("links", []):
+        if Path(f"/sys/class/net/{link}").exists():
+            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+            removed.append(f"link {link}")
+    m.update(stopped=True, cleaned_up_after_its_death=True)
+    manifest.write_text(json.dumps(m, indent=2) + "\n")
+    say(f"removed what the killed run {run_dir.name} left: "
+        f"{', '.join(removed) if removed else 'nothing'}")
+    return removed
 
 
 @dataclass
@@ -168,7 +245,9 @@ class Lab:
         for line in self.caps.summary().splitlines():
             self.say(line)
         self._write_json("capabilities.json", self.caps.to_dict())
-        self._refuse_foreign_bridges()
+        for stale in stale_runs():
+            clean_stale_run(stale, self.say)
+        self._refuse_foreign(check_links=True)
         of_port = self._start_controller()
         self._start_mininet(of_port)
         self._wait_for_switches()
@@ -178,11 +257,11 @@ class Lab:
         return self
 
     def stop(self) -> None:
-        """Tear down what this lab created; safe to call twice, holds off SIGINT/SIGTERM."""
+        """Tear down what this lab created; safe to call twice; holds off SIGINT/TERM/HUP."""
         if self._stopped:
             return
         self._stopped = True
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
         try:
             for proc in reversed(self.procs):  # nodes first, captures last: they see the end
                 code = proc.stop()
@@ -204,17 +283,27 @@ class Lab:
         self.say("lab is down")
 
     # -- pieces of start() ----------------------------------------------------------------------
-    def _refuse_foreign_bridges(self) -> None:
+    def _refuse_foreign(self, check_links: bool) -> None:
+        """Another lab's bridges (or, before we build ours, its links) mean: not here."""
         existing = set(
             subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
                            text=True, check=True).stdout.split()
         )
         clash = sorted(existing & set(M2M_NETWORKS))
         if clash:
-            raise RuntimeError(
-                f"OVS bridge(s) {', '.join(clash)} already exist: another lab is running, or an "
-                f"earlier run was killed. Remove them with 'ovs-vsctl del-br NAME' once you are "
-                f"sure they are not in use."
+            raise LabError(
+                f"OVS bridge(s) {', '.join(clash)} already exist: another lab is running, or a "
+                f"lab from another checkout was killed. Remove them with 'ovs-vsctl del-br "
+                f"NAME' once you are sure they are not in use."
+            )
+        if not check_links:
+            return
+        links = sorted(n for n in lab_link_names() if Path(f"/sys/class/net/{n}").exists())
+        if links:
+            raise LabError(
+                f"network interface(s) {', '.join(links[:6])}{' ...' if len(links) > 6 else ''}"
+                f" already exist: another lab is starting or running. Remove them with 'ip link"
+                f" del NAME' once you are sure they are not in use."
             )
 
     def _start_controller(self) -> int:
@@ -228,6 +317,7 @@ class Lab:
              "--wsapi-host", "127.0.0.1", "--wsapi-port", str(rest_port),
              str(PROJECT / "nodes" / "controller.py")],
             cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_the_lab,
         )
         self._controller = Proc("controller", popen, log)
         self.faults = FaultClient(f"http://127.0.0.1:{rest_port}")
@@ -256,9 +346,14 @@ class Lab:
         switch = partial(OVSSwitch, datapath=self.caps.ovs_datapath, protocols="OpenFlow13")
         self.net = Mininet(topo=M2MTopo(links=links), switch=switch, controller=None,
                            link=TCLink, autoSetMacs=True, build=False)
-        self.net.addController(RemoteController("c0", ip="127.0.0.1", port=of_port))
+        class Ryu(RemoteController):  # type: ignore[misc]
+            def checkListening(self) -> None:
+                """Already checked (its REST API answers); Mininet's telnet check can die
+                decoding the binary OpenFlow HELLO it reads."""
+
+        self.net.addController(Ryu("c0", ip="127.0.0.1", port=of_port))
         self.net.build()  # hosts and links; the bridges come with start()
-        self._refuse_foreign_bridges()  # again: another lab may have started meanwhile
+        self._refuse_foreign(check_links=False)  # again: another lab may have started
         self._created_bridges = list(M2M_NETWORKS)
         self._write_json("manifest.json", self._manifest(stopped=False))
         self.net.start()
@@ -317,7 +412,7 @@ class Lab:
         log = open(self.run_dir / "logs" / f"{name}.log", "wb")  # noqa: SIM115
         full_env = dict(os.environ, PYTHONPATH=str(PROJECT), **(env or {}))
         popen = self.host(host).popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
-                                      env=full_env)
+                                      env=full_env, preexec_fn=_die_with_the_lab)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -436,7 +531,9 @@ class Lab:
     def _manifest(self, stopped: bool) -> dict[str, Any]:
         return {
             "name": self.name,
+            "runner": {"pid": os.getpid(), "started": _start_time(os.getpid())},
             "bridges": self._created_bridges,
+            "links": sorted(lab_link_names()) if self._created_bridges else [],
             "controller_pid": self._controller.popen.pid if self._controller else None,
             "processes": {p.name: p.popen.pid for p in self.procs},
             "stopped": stopped,

@@ -4,22 +4,22 @@
     python -m experiments.runner lab          # Mininet CLI with the controller and probes up
     python -m experiments.runner capabilities # what this kernel offers, and the choices made
 
-Everything a run writes goes to captures/<run-id>/. Ctrl-C or SIGTERM stops cleanly.
+Everything a run writes goes to captures/<run-id>/. Ctrl-C, SIGTERM or a closed terminal
+(SIGHUP) stops cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from types import FrameType
 
 from experiments.capabilities import probe
-from experiments.lab import Lab, read_jsonl
+from experiments.console import guard
+from experiments.lab import Lab, LabError, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,6 @@ class FaultPlan:
         if parts[2] not in ("down", "blackhole"):
             raise argparse.ArgumentTypeError(f"fault {text!r}: kind must be down or blackhole")
         return cls(parts[0], parts[1], parts[2], start, end)
-
-
-def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -119,12 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         print(caps.summary())
         print(json.dumps(caps.to_dict(), indent=2))
         return 0
-    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    guard()
     try:
         return {"probe": run_probe, "lab": run_cli}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: the lab was torn down", file=sys.stderr)
         return 130
+    except LabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
