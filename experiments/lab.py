@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -100,6 +101,38 @@ class LabError(RuntimeError):
     """The lab cannot start here (the runners print it as one line, no traceback)."""
 
 
+LOCK_PATH = Path(os.environ.get("SMIG_LAB_LOCK") or "/run/smig-lab.lock")
+
+
+class MachineLock:
+    """One lab per machine (its bridge and interface names are fixed): an exclusive flock
+    held while the lab lives. The kernel drops it when the process dies, however it dies, so
+    a held lock always means a live lab; the file names that lab's process and run."""
+
+    def __init__(self, path: Path = LOCK_PATH) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, what: str) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1000).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LabError(f"another smig-lab lab is running on this machine ({holder}); "
+                           f"one at a time: its bridges and interfaces have fixed names"
+                           ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, {what}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 def _start_time(pid: int) -> int | None:
     """A process's start time (clock ticks since boot): with the pid, it names the process
     exactly, even after the pid is reused."""
@@ -119,11 +152,11 @@ def lab_link_names() -> set[str]:
     return names
 
 
-def stale_runs() -> list[Path]:
+def stale_runs(captures: Path = CAPTURES) -> list[Path]:
     """Run folders whose lab never stopped and whose runner is gone (killed with SIGKILL, or
     the machine's OOM killer): what they created may still be there, and is theirs."""
     found = []
-    for manifest in sorted(CAPTURES.glob("*/manifest.json")):
+    for manifest in sorted(captures.glob("*/manifest.json")):
         try:
             m = json.loads(manifest.read_text())
             runner = m.get("runner") or {}
@@ -220,6 +253,7 @@ class Lab:
         self.pcaps: dict[str, Path] = {}
         self._controller: Proc | None = None
         self._created_bridges: list[str] = []
+        self._lock = MachineLock()
         self._stopped = False
 
     # -- life cycle --------------------------------------------------------------------------
@@ -238,6 +272,7 @@ class Lab:
         from mininet.log import setLogLevel
 
         setLogLevel(self.mininet_log)
+        self._lock.acquire(f"lab {self.name!r} in {PROJECT}")
         if self.run_dir is None:
             self.run_dir = new_run_dir(self.name)
         self.say(f"run folder {self.run_dir.relative_to(PROJECT)}")
@@ -245,7 +280,7 @@ class Lab:
         for line in self.caps.summary().splitlines():
             self.say(line)
         self._write_json("capabilities.json", self.caps.to_dict())
-        for stale in stale_runs():
+        for stale in stale_runs():  # with the lock held, no lab of ours is alive
             clean_stale_run(stale, self.say)
         self._refuse_foreign(check_links=True)
         of_port = self._start_controller()
@@ -277,7 +312,9 @@ class Lab:
             self._delete_leftover_bridges()
             if self._controller is not None:
                 self._controller.stop()
-            self._write_json("manifest.json", self._manifest(stopped=True))
+            if self.net is not None:
+                self._write_json("manifest.json", self._manifest(stopped=True))
+            self._lock.release()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.say("lab is down")
@@ -415,6 +452,8 @@ class Lab:
                                       env=full_env, preexec_fn=_die_with_the_lab)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
+        if self.net is not None:  # the manifest names every process while the lab runs
+            self._write_json("manifest.json", self._manifest(stopped=False))
         return proc
 
     def start_node(self, host: str, module: str, name: str, args: list[str]) -> NodeControl:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.lab import PROJECT, Lab, python, wait_until
+from experiments.lab import PROJECT, Lab, LabError, python, wait_until
 from tests.lab.leftovers import new_since, snapshot
 
 pytestmark = pytest.mark.lab
@@ -113,4 +113,14 @@ def test_sigkill_leaves_only_bridges_and_the_next_lab_removes_them() -> None:
         pass
     manifest = json.loads((killed / "manifest.json").read_text())
     assert manifest["stopped"] is True and manifest["cleaned_up_after_its_death"] is True
+    assert new_since(before) == {}
+
+
+def test_a_second_lab_is_refused_and_the_first_keeps_running() -> None:
+    before = snapshot()
+    with Lab(name="test-first", capture=False) as first:
+        with pytest.raises(LabError, match="another smig-lab lab is running"):
+            Lab(name="test-second", capture=False).__enter__()
+        assert {"core", "lte", "netb", "wlan"} <= snapshot()["bridges"]
+        assert first.faults is not None and len(first.faults.switches()) == 4
     assert new_since(before) == {}
