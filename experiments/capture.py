@@ -1,5 +1,9 @@
 """Captures for the analysis: one tshark pass per pcap (ESP decrypted with the run's esp_sa
-file) into RTP and SIP rows, cached under <run>/analysis/ so a second analysis is quick."""
+file) into RTP and SIP rows, cached under <run>/analysis/ so a second analysis is quick.
+
+Decrypted signalling carries key material (a=m2m-key nonces, the keys of a Fig 3 switch
+request, Digest responses): it is redacted as rows are read, so neither the cache nor any
+result holds it. Keys stay in the run's esp_sa file only."""
 
 from __future__ import annotations
 
@@ -13,7 +17,14 @@ from typing import Any
 
 from nodes.ipsec.esp_sa import tshark_args
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: key material redacted
+# 16-byte values in base64 (m2m-key and Digest nonces) and 16/32-byte values in hex (media
+# keys, Digest cnonce and response): nothing else in our SIP looks like either.
+_SECRET_RE = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{22}==|\b(?:[0-9a-f]{64}|[0-9a-f]{32})\b")
+
+
+def redact(text: str) -> str:
+    return _SECRET_RE.sub("<redacted>", text)
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,7 @@ def parse_tshark_row(row: list[str]) -> Rtp | Sip | None:
     if method or status:
         return Sip(epoch_ns(t), src, _int(sport) or 0, dst, _int(dport) or 0, _int(iplen) or 0,
                    method or None, _int(status), _int(cseq), cmeth or None, cid or None,
-                   tshark_unescape(hdr))
+                   redact(tshark_unescape(hdr)))
     return None
 
 

@@ -125,6 +125,15 @@ def test_tshark_rows_parse_exactly() -> None:
                             "MESSAGE", "", "1", "MESSAGE", "x", hdr])
     assert isinstance(msg, Sip) and msg.smig_type == "rekey" and msg.cseq == 1
     assert parse_tshark_row(["", "", ""]) is None
+    secret = (r'Call-ID: x\r\nAuthorization: Digest nonce="lg9p3UEl6BvEySKIMJQZXg==", '
+              r'response="' + "3d" * 32 + r'"\r\n\r\na=m2m-key:zLPF0AjSDbmF6io92VgslA==;spi=7'
+              r'\r\n{"keys":{"enc":"' + "82" * 16 + '"}}')
+    msg = parse_tshark_row(["2.0", "10.0.1.20", "10.0.0.10", "5064", "5066", "572", "", "",
+                            "MESSAGE", "", "1", "MESSAGE", "x", secret])
+    assert isinstance(msg, Sip)
+    assert msg.text == ('Call-ID: x\r\nAuthorization: Digest nonce="<redacted>", response='
+                        '"<redacted>"\r\n\r\na=m2m-key:<redacted>;spi=7\r\n'
+                        '{"keys":{"enc":"<redacted>"}}')
     assert tshark_unescape(r"a\r\nb\tc\\d\101") == "a\r\nb\tc\\dA"
 
 

@@ -5,6 +5,7 @@ must find the switch in the decrypted captures: handover > 0, messages > 0, no R
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def test_analyze_a_planned_link_switch() -> None:
     for name in ("results.json", "results.csv", "results-trials.csv", "results.md"):
         assert (run / name).stat().st_size > 0
     assert "| link-planned | proposed | 1 (+1 failed) |" in (run / "results.md").read_text()
+
+    # Decrypted signalling carries nonces and keys: none of it in the cache or the results.
+    keys = {k.lower() for row in (run / "esp_sa").read_text().splitlines()
+            for k in re.findall(r'"0x([0-9a-fA-F]{32,})"', row)}
+    assert keys
+    derived = [*(run / "analysis").iterdir(), *run.glob("results*")]
+    for path in derived:
+        text = path.read_text().lower()
+        assert not [k for k in keys if k in text], path.name
+        assert not re.search(r"m2m-key:[a-z0-9+/]{22}==", text), path.name
 
     from experiments.ladder import draw_ladders
     from experiments.plots import draw_plots
