@@ -31,7 +31,6 @@ from matplotlib.lines import Line2D
 
 from experiments.analysis import (
     FAULT_SCENARIOS,
-    LINK_SCENARIOS,
     Rtp,
     RunData,
     Trial,
@@ -39,6 +38,7 @@ from experiments.analysis import (
     node_names,
     percentile,
 )
+from experiments.claims import LINK_SCENARIOS
 
 MARGIN_MS = 600.0  # shown before the trigger and after the completion
 

@@ -61,19 +61,25 @@ def _median(results: dict[str, Any], scenario: str, method: str, metric: str) ->
 
 
 def test_claims_follow_from_the_measurements(results: dict[str, Any]) -> None:
+    """One trial each: by the rules, times are inconclusive (one pair says little on a noisy
+    machine); message counts and losses decide on their own."""
     claims = results["claims"]
-    # (b) key reuse vs renegotiation: the verdict is what the handover medians say.
-    reuse = _median(results, "terminal-switch", "reuse", "handover_ms")
-    reneg = _median(results, "terminal-switch", "renegotiate", "handover_ms")
-    assert claims["b"]["verdict"] == ("holds" if reuse < reneg else "does not hold")
+    # (b) key reuse vs renegotiation: the numbers compared are the measured medians.
+    (b,) = claims["b"]["checks"]
+    assert b["medians"] == [_median(results, "terminal-switch", m, "handover_ms")
+                            for m in ("reuse", "renegotiate")]
+    assert b["pairs"] == 1 and claims["b"]["verdict"] == "inconclusive"
     # (c) make before break loses no media: the verdict is what the loss counts say.
     lost = [t["lost"] for t in results["trials"]
             if t["scenario"] == "link-planned" and t["method"] == "proposed"]
     assert claims["c"]["verdict"] == ("holds" if sum(lost) == 0 else "does not hold")
-    # (a) fewer messages and less time than register-then-switch, from the same numbers.
+    # (a) fewer messages (decides alone) and less time (inconclusive with one pair).
     msgs = [_median(results, "link-planned", m, "messages")
             for m in ("proposed", "register-then-switch")]
-    times = [_median(results, "link-planned", m, "handover_ms")
-             for m in ("proposed", "register-then-switch")]
-    holds = msgs[0] < msgs[1] and times[0] < times[1]
-    assert claims["a"]["verdict"] == ("holds" if holds else "does not hold"), claims["a"]
+    (planned,) = [p for p in claims["a"]["parts"] if p["scenario"] == "link-planned"]
+    by_metric = {c["metric"]: c for c in planned["checks"]}
+    assert by_metric["messages"]["medians"] == msgs
+    assert by_metric["messages"]["verdict"] == ("holds" if msgs[0] < msgs[1] else "does not hold")
+    assert by_metric["handover_ms"]["verdict"] == "inconclusive"
+    assert planned["verdict"] == ("inconclusive" if msgs[0] < msgs[1] else "does not hold")
+    assert claims["a"]["scope"] == "1 of 3 triggers measured"

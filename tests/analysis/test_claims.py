@@ -1,0 +1,93 @@
+"""The claims check: verdicts from medians and trial pairs, and how results.md says them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.claims import MIN_TIME_PAIRS, claims, compare, markdown
+
+
+def r(scenario: str, method: str, trial: int, handover: float, messages: int = 34,
+      lost: int = 0, gap: float = 25.0, ok: bool = True) -> dict[str, Any]:
+    return {"scenario": scenario, "method": method, "trial": trial, "ok": ok,
+            "handover_ms": handover, "messages": messages, "lost": lost, "gap_ms": gap}
+
+
+def link(scenario: str, proposed: list[float], baseline: list[float],
+         msgs: tuple[int, int] = (32, 36)) -> list[dict[str, Any]]:
+    return [*(r(scenario, "proposed", i, h, msgs[0]) for i, h in enumerate(proposed, 1)),
+            *(r(scenario, "register-then-switch", i, h, msgs[1])
+              for i, h in enumerate(baseline, 1))]
+
+
+def test_holds_when_median_and_most_pairs_agree() -> None:
+    c = compare(link("link-planned", [30, 29, 41], [38, 37, 36]), "link-planned", "proposed",
+                "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS)
+    assert (c["verdict"], c["medians"], c["pairs"], c["wins"]) == ("holds", [30, 37], 3, 2)
+
+
+def test_does_not_hold_when_both_go_against() -> None:
+    c = compare(link("link-planned", [40, 41, 30], [38, 37, 36]), "link-planned", "proposed",
+                "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS)
+    assert c["verdict"] == "does not hold" and c["wins"] == 1
+
+
+def test_inconclusive_when_median_and_pairs_disagree_or_too_few_pairs() -> None:
+    # Median favours proposed (30 < 31), but it wins only 2 of 5 pairs.
+    rows = link("link-planned", [30, 29, 45, 44, 28], [31, 31, 31, 31, 20])
+    c = compare(rows, "link-planned", "proposed", "register-then-switch", "handover_ms",
+                "handover", "ms", MIN_TIME_PAIRS)
+    assert (c["verdict"], c["why"]) == ("inconclusive", "the medians and the trial pairs disagree")
+    one = compare(link("link-planned", [30], [40]), "link-planned", "proposed",
+                  "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS)
+    assert (one["verdict"], one["why"]) == ("inconclusive", "1 trial pair(s); 3 needed")
+    # Counts are a property of the procedure: one pair decides.
+    msgs = compare(link("link-planned", [30], [40]), "link-planned", "proposed",
+                   "register-then-switch", "messages", "messages", "", 1)
+    assert msgs["verdict"] == "holds"
+
+
+def test_claim_a_per_trigger_and_overall() -> None:
+    rows = [*link("link-planned", [30, 29, 31], [38, 37, 36]),
+            *link("link-blackhole", [430, 429, 440], [450, 455, 460])]
+    a = claims(rows)["a"]
+    assert {p["scenario"]: p["verdict"] for p in a["parts"]} == {
+        "link-planned": "holds", "link-blackhole": "holds", "link-carrier-loss": "not measured"}
+    assert a["verdict"] == "holds" and a["scope"] == "2 of 3 triggers measured"
+    # More messages fails the claim even when faster.
+    worse = claims(link("link-planned", [30, 29, 31], [38, 37, 36], msgs=(40, 36)))["a"]
+    assert worse["verdict"] == "does not hold"
+
+
+def test_claims_b_and_c_and_failed_trials() -> None:
+    rows = [r("terminal-switch", "reuse", i, h, gap=60) for i, h in enumerate([50, 49, 52], 1)]
+    rows += [r("terminal-switch", "renegotiate", i, h, gap=35)
+             for i, h in enumerate([80, 70, 90], 1)]
+    rows += [r("link-planned", "proposed", 1, 30, lost=0),
+             r("link-planned", "proposed", 2, 30, lost=2),
+             r("link-planned", "proposed", 3, 30, ok=False)]
+    c = claims(rows)
+    assert c["b"]["verdict"] == "holds"
+    assert c["b"]["context"][0]["verdict"] == "does not hold"  # gap: told, not judged
+    assert (c["c"]["verdict"], c["c"]["trials"], c["c"]["lossless"], c["c"]["lost_max"]) == \
+        ("does not hold", 2, 1, 2)
+
+
+def test_not_measured_everywhere_without_trials() -> None:
+    c = claims([r("link-planned", "proposed", 1, 30, ok=False)])
+    assert {k: v["verdict"] for k, v in c.items()} == {
+        "a": "not measured", "b": "not measured", "c": "not measured"}
+    text = "\n".join(markdown(c))
+    assert "None" not in text
+    assert "* **(c) not measured** — make-before-break" in text
+    assert "no ok trials of link-planned/proposed" in text
+
+
+def test_markdown_says_the_numbers() -> None:
+    rows = [*link("link-planned", [29.5, 30, 31], [37.5, 38, 36]),
+            *(r("link-planned", "proposed", i, 30, gap=26.4) for i in (4,))]
+    text = "\n".join(markdown(claims(rows)))
+    assert ("  * link-planned: holds — messages 32 vs 36 (medians); lower in 3 of 3 trial pairs; "
+            "handover 30 ms vs 37.5 ms (medians); lower in 3 of 3 trial pairs") in text
+    assert "no packet lost in 4 of 4 trials (most lost in one: 0)" in text
+    assert "largest media gap 25 ms (median; a voice packet every 20 ms)" in text
