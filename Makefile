@@ -35,7 +35,7 @@ lab: setup ## open the Mininet CLI with the M2M lab and its processes running
 	$(PY) -m experiments.runner lab
 
 experiment: setup ## run the handover experiments (TRIALS=, SCENARIO=)
-	$(PY) -m experiments.experiment --trials $(TRIALS) --scenario $(SCENARIO)
+	$(PY) -m experiments.experiment --trials "$(TRIALS)" --scenario "$(SCENARIO)"
 
 bench: setup ## REGISTER/s and call set-ups/s: smig-lab proxy vs Kamailio, side by side
 	$(PY) bench/run.py

@@ -1,9 +1,18 @@
-"""Client side of a node's control socket (see `nodes.control`)."""
+"""Client side of a node's control socket (see `nodes.control`), and a command line for it:
+
+    python -m experiments.control captures/<run>/ctl/a1.sock call to=b1
+    python -m experiments.control captures/<run>/ctl/a1.sock status
+
+Parameters are key=value; a value that reads as JSON (true, 3600, "x", [..]) is taken as
+JSON, anything else as a string.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +45,38 @@ class NodeControl:
         if not reply.get("ok"):
             raise NodeError(reply.get("error", "unknown error"))
         return reply.get("result")
+
+
+def parse_params(tokens: list[str]) -> dict[str, Any]:
+    """['to=b1', 'video=true'] -> {'to': 'b1', 'video': True}; ValueError names a bad one."""
+    params: dict[str, Any] = {}
+    for tok in tokens:
+        key, sep, value = tok.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"expected key=value, got {tok!r}")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.control",
+                                 description="Send one command to a node's control socket.")
+    ap.add_argument("socket", help="the node's control socket (captures/<run>/ctl/NAME.sock)")
+    ap.add_argument("cmd", help="command, e.g. status, call, link_switch, help")
+    ap.add_argument("params", nargs="*", help="key=value parameters")
+    args = ap.parse_args(argv)
+    try:
+        params = parse_params(args.params)
+        result = NodeControl(args.socket)(args.cmd, **params)
+    except (ValueError, NodeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -280,8 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.trials <= 100:
         parser.error(f"--trials must be 1..100, got {args.trials}")
-    scenarios = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+    names = [s.strip() for s in args.scenario.split(",") if s.strip()]
+    scenarios = list(SCENARIOS) if names == ["all"] else names
     unknown = [s for s in scenarios if s not in SCENARIOS]
+    if not scenarios:
+        parser.error(f"no scenario given; known: all, {', '.join(SCENARIOS)}")
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; "
                      f"known: all, {', '.join(SCENARIOS)}")

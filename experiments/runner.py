@@ -1,7 +1,7 @@
 """Command-line runner of the lab.
 
     python -m experiments.runner probe [--seconds 10] [--fault wlan:wlan-a1:down@3:6 ...]
-    python -m experiments.runner lab          # Mininet CLI with the controller and probes up
+    python -m experiments.runner lab          # the lab's CLI: every node up, node/fault commands
     python -m experiments.runner capabilities # what this kernel offers, and the choices made
 
 Everything a run writes goes to captures/<run-id>/. Ctrl-C, SIGTERM or a closed terminal
@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from experiments.capabilities import probe
 from experiments.console import guard
@@ -75,18 +76,36 @@ def run_probe(args: argparse.Namespace) -> int:
                 lab.faults.restore(active.pop(plan))
                 lab.say(f"t={at:g}s restored {plan.switch}/{plan.port}")
         time.sleep(max(0.0, t0 + args.seconds - time.monotonic()))
-    received = Counter(r["path"] for r in read_jsonl(b1_log) if r.get("event") == "rx")
-    echoed = Counter(r["path"] for r in read_jsonl(a1_log) if r.get("event") == "echo-rx")
-    sent = Counter(r["path"] for r in read_jsonl(a1_log) if r.get("event") == "tx")
-    print(f"{'path':6} {'sent':>6} {'at b1':>6} {'echoed':>6}")
-    for path in sorted(sent):
-        print(f"{path:6} {sent[path]:6d} {received[path]:6d} {echoed[path]:6d}")
+    print_probe_summary(a1_log, b1_log)
     print(f"results in {lab.run_dir}")
     return 0
 
 
+LATE_MS = 100.0  # a probe this much later than sent was held somewhere (a queue at a downed port)
+
+
+def print_probe_summary(a1_log: Path, b1_log: Path) -> None:
+    """Per path: sent, received at b1, echoed back; and how many arrived late (a port that
+    goes down queues what is sent to it and delivers it at restore), with the worst delay."""
+    rx = [r for r in read_jsonl(b1_log) if r.get("event") == "rx"]
+    received = Counter(r["path"] for r in rx)
+    echoed = Counter(r["path"] for r in read_jsonl(a1_log) if r.get("event") == "echo-rx")
+    sent = Counter(r["path"] for r in read_jsonl(a1_log) if r.get("event") == "tx")
+    delays: dict[str, list[float]] = {}
+    for r in rx:
+        delays.setdefault(r["path"], []).append((r["t_ns"] - r["sent_ns"]) / 1e6)
+    print(f"{'path':6} {'sent':>6} {'at b1':>6} {'echoed':>6} {'late':>6} {'max delay':>10}")
+    for path in sorted(sent):
+        ds = delays.get(path, [])
+        late = sum(1 for d in ds if d > LATE_MS)
+        worst = f"{max(ds):.1f} ms" if ds else "–"
+        print(f"{path:6} {sent[path]:6d} {received[path]:6d} {echoed[path]:6d} {late:6d} "
+              f"{worst:>10}")
+    print(f"late: received more than {LATE_MS:g} ms after sending")
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    from mininet.cli import CLI
+    from experiments import labcli
 
     with Lab(name="lab", mininet_log="info") as lab:
         lab.start_probe()
@@ -94,7 +113,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"controller REST API: {lab.faults.base_url}/lab/faults  "
               f"(e.g. curl -X POST -d '{{\"switch\":\"wlan\",\"port\":\"wlan-a1\","
               f"\"kind\":\"down\"}}' {lab.faults.base_url}/lab/faults)")
-        CLI(lab.net)
+        labcli.run(lab)
     return 0
 
 
@@ -107,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=50.0, help="probe packets/s per path")
     p.add_argument("--fault", type=FaultPlan.parse, action="append", default=[],
                    help="SWITCH:PORT:KIND@START[:END], repeatable")
-    sub.add_parser("lab", help="the Mininet CLI with everything running")
+    sub.add_parser("lab", help="the Mininet CLI with every node running and registered, "
+                               "plus node/nodes/fault commands")
     sub.add_parser("capabilities", help="probe the kernel and print the choices")
     args = parser.parse_args(argv)
     if args.command == "capabilities":
