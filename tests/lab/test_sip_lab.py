@@ -5,8 +5,11 @@ Config for this module: alice (a1), bob (b1, b2), carol (a2); only alice and bob
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +110,25 @@ def test_bad_control_commands_get_error_replies(lab: Lab) -> None:
     with pytest.raises(NodeError, match="expires must be 0..86400"):
         a1("register", expires=-5)
     assert a1("status")["name"] == "a1"  # still serving
+
+
+def test_lab_cli_drives_nodes_and_faults(lab: Lab, tmp_path: Path) -> None:
+    """`make lab`'s commands, as a script: a node command, a bad one, a fault and back."""
+    from experiments.labcli import LabCLI
+
+    script = tmp_path / "cmds"
+    script.write_text("node a1 register\nnode b1 register\n"
+                      "node a1 message to=b1 text=from-the-cli\n"
+                      "node a1 call to=5\nnode zz status\nnodes\n"
+                      "fault wlan wlan-a1 blackhole\nfault list\nfault restore\nfault melt\n")
+    out = io.StringIO()
+    with open(os.devnull) as stdin:  # Mininet polls its stdin, even in batch mode
+        LabCLI(lab, stdin=stdin, script=str(script), stdout=out)
+    text = out.getvalue()
+    assert '"status": 200' in text
+    assert node(lab, "b1")("status")["messages"][-1]["text"] == "from-the-cli"
+    assert "error: call: parameter 'to' must be str, got int" in text
+    assert "no node 'zz'" in text and "proxy" in text
+    assert '"kind": "blackhole"' in text and "restored" in text
+    assert "usage: fault SWITCH PORT" in text
+    assert lab.faults is not None and lab.faults.faults() == []
