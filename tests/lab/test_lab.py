@@ -5,6 +5,7 @@ One lab for the whole module (booting is the slow part); faults are restored in 
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,8 @@ def test_fault_events_logged_with_wall_clock(lab: Lab, faults: FaultClient) -> N
     fault = faults.inject("lte", "lte-a1", "blackhole")
     assert before <= fault["t_ns"] <= time.time_ns()
     assert [f["id"] for f in faults.faults()] == [fault["id"]]
+    time.sleep(0.05)
+    before_restore = time.time_ns()
     faults.restore(fault["id"])
     assert faults.faults() == []
     assert lab.run_dir is not None
@@ -147,6 +150,11 @@ def test_fault_events_logged_with_wall_clock(lab: Lab, faults: FaultClient) -> N
     kinds = [(e["event"], e.get("id")) for e in events]
     assert ("fault-injected", fault["id"]) in kinds
     assert ("fault-restored", fault["id"]) in kinds
+    restored = next(e for e in events if e["event"] == "fault-restored"
+                    and e["id"] == fault["id"])
+    # t_ns is when the restore happened; the injection time has its own name
+    assert before_restore <= restored["t_ns"] <= time.time_ns()
+    assert restored["injected_t_ns"] == fault["t_ns"]
 
 
 @pytest.mark.parametrize(
@@ -167,7 +175,18 @@ def test_fault_events_logged_with_wall_clock(lab: Lab, faults: FaultClient) -> N
         ("POST", "/lab/faults", b"{not json", 400, "body is not valid JSON"),
         ("DELETE", "/lab/faults/12345", None, 404, "no active fault 12345"),
         ("DELETE", "/lab/faults/abc", None, 400, "fault id must be a number, got 'abc'"),
+        ("DELETE", "/lab/faults/%B2", None, 400, "fault id must be a number"),  # was 500
+        ("DELETE", "/lab/faults/" + "9" * 5000, None, 404, "no active fault 999"),  # was 500
+        ("POST", "/lab/faults", {"switch": "wlan", "port": "wlan-a1", "kind": "down", "x": 1},
+         400, "unknown field(s): 'x'"),  # was 201
+        ("POST", "/lab/faults", b"[" * 1000 + b"]" * 1000, 400,
+         "body is not valid JSON: nested deeper than 32 levels"),  # was 500 + traceback
+        ("GET", "/lab/nope", None, 404, "no such resource '/lab/nope'"),  # was HTML
+        ("PUT", "/lab/faults", {}, 405, "PUT is not allowed on /lab/faults"),  # was HTML 404
     ],
+    ids=["unknown-switch", "unknown-port-name", "unknown-port-number", "bad-kind", "missing",
+         "array", "bool-port", "bad-json", "no-such-id", "abc-id", "superscript-id",
+         "5000-digit-id", "extra-field", "nested", "unknown-route", "put"],
 )
 def test_rest_errors_are_4xx(
     faults: FaultClient, method: str, path: str, body: object, status: int, text: str
@@ -187,3 +206,31 @@ def test_second_fault_on_same_port_is_409(faults: FaultClient) -> None:
         faults.inject("wlan", "wlan-a2", "blackhole")
     assert err.value.status == 409
     assert [f["id"] for f in faults.faults()] == [fault["id"]]
+
+
+def test_a_deleted_bridge_leaves_the_switch_list(lab: Lab, faults: FaultClient) -> None:
+    """A bridge that disconnects is dropped: no ghost in /lab/switches, no 201 for a fault
+    injected on it."""
+    assert lab.net is not None and lab.caps is not None
+    port = lab.net.controllers[0].port
+    datapath = "netdev" if lab.caps.ovs_datapath == "user" else "system"
+    name = "smigtst0"
+    try:
+        subprocess.run(["ovs-vsctl", "add-br", name, "--", "set", "bridge", name,
+                        "protocols=OpenFlow13", f"datapath_type={datapath}", "--",
+                        "set-controller", name, f"tcp:127.0.0.1:{port}", "--",
+                        "add-port", name, f"{name}-p1", "--", "set", "interface", f"{name}-p1",
+                        "type=internal"], check=True, capture_output=True, timeout=30)
+        wait_until(lambda: any(s["name"] == name and s["ports"] for s in faults.switches()),
+                   20, f"{name} to connect")
+        subprocess.run(["ovs-vsctl", "del-br", name], check=True, capture_output=True,
+                       timeout=30)
+        wait_until(lambda: all(s["name"] != name for s in faults.switches()), 20,
+                   f"{name} to leave the switch list")
+        with pytest.raises(ControllerError) as err:
+            faults.inject(name, f"{name}-p1", "down")
+        assert err.value.status == 404
+        assert len(faults.switches()) == 4
+    finally:
+        subprocess.run(["ovs-vsctl", "--if-exists", "del-br", name], capture_output=True,
+                       timeout=30)
