@@ -20,9 +20,13 @@ import json
 import logging
 import os
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from nodes.cli import StartupError, control_path_problem
+from nodes.jsonin import loads
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +80,31 @@ class ControlServer:
         }
 
     async def start(self) -> None:
+        """Listen on the socket path (a stale socket there is replaced); StartupError with
+        one line if the path cannot be used."""
+        problem = control_path_problem(self.path)
+        if problem:
+            raise StartupError(f"control socket {self.path}: {problem}")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
-        os.chmod(self.path, 0o600)
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, self.path,
+                                                           limit=MAX_LINE)
+            os.chmod(self.path, 0o600)
+        except OSError as exc:
+            raise StartupError(f"control socket {self.path}: {exc.strerror or exc}") from None
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Stop listening and remove the socket (only one this server made)."""
+        if self._server is None:
+            return
+        self._server.close()
+        await self._server.wait_closed()
+        self._server = None
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -117,9 +134,9 @@ class ControlServer:
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         """Run one request line; every failure becomes {"ok": false, "error": ...}."""
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return self._error(f"request is not valid JSON: {exc}")
+            request = loads(line, "request")
+        except ValueError as exc:
+            return self._error(str(exc))
         if not isinstance(request, dict):
             return self._error("request must be a JSON object")
         name = request.pop("cmd", None)

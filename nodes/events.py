@@ -13,6 +13,8 @@ import sys
 import time
 from typing import IO, Any
 
+from nodes.cli import StartupError
+
 log = logging.getLogger("events")
 # One encoder for every line: json.dumps(default=...) would build a new one per call.
 _ENCODER = json.JSONEncoder(default=str)
@@ -20,8 +22,13 @@ _ENCODER = json.JSONEncoder(default=str)
 
 class EventLog:
     def __init__(self, node: str, path: str | None = None) -> None:
+        """Append to `path` (stdout without one); StartupError if it cannot be opened."""
         self.node = node
-        self._stream: IO[str] = open(path, "a") if path else sys.stdout  # noqa: SIM115
+        try:
+            self._stream: IO[str] = open(path, "a") if path else sys.stdout  # noqa: SIM115
+        except OSError as exc:
+            raise StartupError(f"cannot write the event log {path}: "
+                               f"{exc.strerror or exc}") from None
         self._owned = path is not None
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:

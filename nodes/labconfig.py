@@ -17,11 +17,13 @@ as bytes in `Credentials`, whose repr hides them: they reach no log.
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nodes.jsonin import JsonError, loads
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 _CAPS = ("audio", "video")
@@ -57,6 +59,14 @@ class LabConfig:
         if domain and domain.lower() != self.domain:
             return None
         return self.terminals.get(user)
+
+    def require_terminal(self, name: str) -> Terminal:
+        """The terminal called `name`; ConfigError naming the known ones if there is none."""
+        term = self.terminals.get(name)
+        if term is None:
+            raise ConfigError(f"{self.source}: no terminal {name!r} (terminals: "
+                              f"{', '.join(sorted(self.terminals))})")
+        return term
 
     def may_contact(self, caller: str, callee: str) -> bool:
         """Friends-only policy between two terminals' users (DESIGN §1, Fig 1)."""
@@ -94,10 +104,15 @@ class LabConfig:
             terms = spec.get("terminals") if isinstance(spec, dict) else None
             if not isinstance(terms, dict) or not terms:
                 raise fail(f"user {user!r}: 'terminals' must be a non-empty object")
+            if set(spec) != {"terminals"}:
+                raise fail(f"user {user!r}: unknown key(s): "
+                           f"{', '.join(sorted(set(spec) - {'terminals'}))}")
             users[user] = []
             for term, caps in terms.items():
                 if not _NAME_RE.match(term):
                     raise fail(f"user {user!r}: bad terminal name {term!r}")
+                if term in _SERVERS:  # sip:proxy@ and friends are the servers' own names
+                    raise fail(f"user {user!r}: terminal name {term!r} is a server's name")
                 if term in terminals:
                     raise fail(f"terminal {term!r} belongs to two users")
                 if not isinstance(caps, list) or not caps or any(c not in _CAPS for c in caps):
@@ -106,16 +121,20 @@ class LabConfig:
                 terminals[term] = Terminal(term, user, tuple(caps))
                 users[user].append(term)
         friends: set[frozenset[str]] = set()
-        for pair in data.get("friends", []):
-            if (not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]
-                    or any(p not in users for p in pair)):
+        pairs = data.get("friends", [])
+        if not isinstance(pairs, list):
+            raise fail(f"'friends' must be a list of [user, user] pairs, got {pairs!r}")
+        for pair in pairs:
+            if (not isinstance(pair, list) or len(pair) != 2
+                    or not all(isinstance(p, str) and p in users for p in pair)
+                    or pair[0] == pair[1]):
                 raise fail(f"friends entry {pair!r}: expected two different known users")
             friends.add(frozenset(pair))
         servers = data.get("servers")
         if not isinstance(servers, dict) or set(servers) != set(_SERVERS):
             raise fail(f"'servers' must give exactly {', '.join(_SERVERS)} addresses")
         for name, addr in servers.items():
-            if not isinstance(addr, str) or not re.fullmatch(r"\d+\.\d+\.\d+\.\d+", addr):
+            if not _is_ipv4(addr):
                 raise fail(f"server {name!r}: bad IPv4 address {addr!r}")
         return cls(domain, terminals, users, friends, dict(servers), source)
 
@@ -150,10 +169,25 @@ class Credentials:
         return cls(psks)
 
 
+def _is_ipv4(addr: Any) -> bool:
+    """Dotted-quad IPv4 (each part 0..255; no host names, no shorthand like `10.1`)."""
+    if not isinstance(addr, str) or not re.fullmatch(r"\d{1,3}(?:\.\d{1,3}){3}", addr):
+        return False
+    try:
+        ipaddress.IPv4Address(addr)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return loads(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except JsonError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc.detail}") from None

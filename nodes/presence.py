@@ -25,7 +25,12 @@ class Presence(SmigServer):
         self.registered: dict[str, str] = {}  # terminal -> address
 
     async def handle(self, msg: smig.Smig, sender: str, tx: ServerTransaction) -> None:
-        if isinstance(msg, smig.Registration) and sender == "proxy":
+        """Every check before any change: a refused request changes nothing."""
+        if isinstance(msg, smig.Registration):
+            if sender != "proxy":
+                return self._refuse(tx, msg, sender, 403, "Only the proxy reports registrations")
+            if msg.terminal not in self.config.terminals:
+                return self._refuse(tx, msg, sender, 400, "Unknown terminal")
             if msg.registered and msg.address:
                 self.registered[msg.terminal] = msg.address
             else:
@@ -36,18 +41,24 @@ class Presence(SmigServer):
         elif isinstance(msg, smig.PresenceQuery):
             asker = self.config.terminals.get(sender)
             if msg.user not in self.config.users:
-                tx.reply(404, "Unknown user")
-            elif asker is None or not (asker.user == msg.user or frozenset(
+                return self._refuse(tx, msg, sender, 404, "Unknown user")
+            if asker is None or not (asker.user == msg.user or frozenset(
                     (asker.user, msg.user)) in self.config.friends):
-                tx.reply(403, "Not your user or a friend's")
-            else:
-                tx.reply(200)
-                result = smig.PresenceResult(msg.session, msg.user, self.lookup(msg.user))
-                self.events.emit("presence-answer", to=sender, user=msg.user,
-                                 capability=msg.capability)
-                self.send(sender, result)
+                return self._refuse(tx, msg, sender, 403, "Not your user or a friend's")
+            tx.reply(200)
+            result = smig.PresenceResult(msg.session, msg.user, self.lookup(msg.user))
+            self.events.emit("presence-answer", to=sender, user=msg.user,
+                             capability=msg.capability)
+            self.send(sender, result)
         else:
-            tx.reply(400, f"Presence does not take {msg.TYPE}")
+            self._refuse(tx, msg, sender, 400, f"Presence does not take {msg.TYPE}")
+
+    def _refuse(self, tx: ServerTransaction, msg: smig.Smig, sender: str, status: int,
+                reason: str) -> None:
+        self.counters[f"refused-{status}"] += 1
+        self.events.emit("refused", type=msg.TYPE, session=msg.session, sender=sender,
+                         status=status, reason=reason)
+        tx.reply(status, reason)
 
     def lookup(self, user: str) -> list[dict[str, Any]]:
         out = []

@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any
 
 from nodes import smig
-from nodes.cli import node_arguments, start_logging
+from nodes.cli import node_arguments, run_node, start_logging, starting
 from nodes.control import ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -51,7 +51,8 @@ class SmigServer:
             sas, policies = static_sas(self.trust_key, self.listen, self.proxy[0])
             self.ipsec.install(sas, policies)
             self.events.emit("static-sas", peer=self.proxy[0], spis=[sa.spi for sa in sas])
-        transport = await UdpTransport.create(self.listen, 5060)
+        with starting(f"listen on {self.listen}:5060"):
+            transport = await UdpTransport.create(self.listen, 5060)
         self.endpoint = SipEndpoint(transport, self._on_request, timers=self.timers,
                                     name=self.name)
         self.events.emit(f"{self.name}-started", listen=f"{self.listen}:5060")
@@ -82,7 +83,7 @@ class SmigServer:
         except ValueError as exc:
             self.counters["bad-body"] += 1
             self.events.emit("refused", status=400, why=str(exc))
-            tx.reply(400, f"Bad SMIG body: {exc}"[:120])
+            tx.reply(400, reason_phrase(f"Bad SMIG body: {exc}"))
             return
         frm = req.from_
         sender = frm.uri.user if frm is not None and isinstance(frm.uri, SipUri) else None
@@ -123,6 +124,13 @@ class SmigServer:
                 "ipsec": self.ipsec.describe() if self.ipsec else None}
 
 
+def reason_phrase(text: str, limit: int = 120) -> str:
+    """`text` as a SIP reason phrase: no control characters (a CR LF from a message field
+    would start a header of the response), at most `limit` characters."""
+    clean = "".join(" " if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)
+    return clean if len(clean) <= limit else clean[:limit - 3] + "..."
+
+
 def server_main(cls: type[SmigServer], argv: list[str] | None = None) -> int:
     """The command line shared by `nodes.sms` and `nodes.presence`."""
     parser = argparse.ArgumentParser(prog=f"python -m nodes.{cls.name}")
@@ -135,7 +143,7 @@ def server_main(cls: type[SmigServer], argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{cls.name}: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_run(cls, args, config, key))
+    return run_node(cls.name, _run(cls, args, config, key))
 
 
 async def _run(cls: type[SmigServer], args: argparse.Namespace, config: LabConfig,

@@ -9,11 +9,14 @@ Key material (`keys`, `security`) never shows in a repr.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from nodes.jsonin import loads
 
 CONTENT_TYPE = "application/smig+json"
 MEDIA_KINDS = ("audio", "video")
@@ -66,6 +69,11 @@ class Registration(Smig):
     registered: bool
     address: str | None = None  # the contact's IP
 
+    def check(self) -> None:
+        super().check()
+        if self.address is not None:
+            _ipv4(self.TYPE, "address", self.address)
+
 
 # -- Fig 3 ------------------------------------------------------------------------------------
 @dataclass(frozen=True, repr=False)
@@ -84,6 +92,7 @@ class SwitchRequest(Smig):
         super().check()
         _one_of(self.TYPE, "media", self.media, MEDIA_KINDS)
         _one_of(self.TYPE, "method", self.method, METHODS)
+        _check_secrets(self.TYPE, self.security, self.keys)
 
     def stripped(self) -> SwitchRequest:
         """Step (2): what the peer gets — no security information, no keys."""
@@ -100,6 +109,10 @@ class SwitchResponse(Smig):
     reason: str | None = None
     security: dict[str, Any] | None = None
     keys: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        super().check()
+        _check_secrets(self.TYPE, self.security, self.keys)
 
 
 @dataclass(frozen=True, repr=False)
@@ -133,6 +146,8 @@ class SessionConfig(Smig):
             port = getattr(self, name)
             if not 1 <= port <= 65534:
                 raise ValueError(f"{self.TYPE}: {name.replace('_', '-')} {port} out of range")
+        _ipv4(self.TYPE, "peer-address", self.peer_address)
+        _check_secrets(self.TYPE, self.security, self.keys)
 
 
 @dataclass(frozen=True, repr=False)
@@ -185,6 +200,10 @@ class LinkSwitch(Smig):
     terminal: str
     address: str
 
+    def check(self) -> None:
+        super().check()
+        _ipv4(self.TYPE, "address", self.address)
+
 
 @dataclass(frozen=True, repr=False)
 class LinkConfig(Smig):
@@ -196,18 +215,20 @@ class LinkConfig(Smig):
     address: str
     old_address: str
 
+    def check(self) -> None:
+        super().check()
+        _ipv4(self.TYPE, "address", self.address)
+        _ipv4(self.TYPE, "old-address", self.old_address)
+
 
 def parse_link_switch_body(data: bytes) -> list[str]:
     """The body of a link-switch REGISTER: {"type": "link-switch", "sessions": [...]}."""
-    try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"link-switch body is not valid JSON: {exc}") from None
+    body = loads(data, "link-switch body")
     if not isinstance(body, dict) or body.get("type") != "link-switch":
         raise ValueError('link-switch body must be {"type": "link-switch", "sessions": [...]}')
     unknown = sorted(set(body) - {"type", "sessions"})
     if unknown:
-        raise ValueError(f"link-switch: unknown field(s) {', '.join(unknown)}")
+        raise ValueError(f"link-switch: unknown field(s) {_names(unknown)}")
     sessions = body.get("sessions")
     if (not isinstance(sessions, list) or not sessions
             or not all(isinstance(s, str) and s for s in sessions)):
@@ -253,7 +274,59 @@ def _one_of(kind: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{kind}: {name} {value!r} not one of {', '.join(allowed)}")
 
 
+def _ipv4(kind: str, name: str, value: str) -> None:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"{kind}: {name} {value[:40]!r} is not an IPv4 address") from None
+
+
+_SECURITY_FIELDS = ("answer", "offer")
+_KEY_DIRECTIONS = ("answer-to-offer", "offer-to-answer")
+_KEY_PARTS = ("auth", "enc")
+
+
+def _check_secrets(kind: str, security: dict[str, Any] | None,
+                   keys: dict[str, Any] | None) -> None:
+    """The shape `MediaSession.export()` gives them (DESIGN §2, Fig 3 steps 1 and 3):
+    security {"offer": m2m-key, "answer": m2m-key}; keys {"offer-to-answer": {"enc": hex,
+    "auth": hex}, "answer-to-offer": {...}}. Errors name the field, never its value."""
+    if security is not None and (
+            sorted(security) != list(_SECURITY_FIELDS)
+            or not all(isinstance(v, str) and v for v in security.values())):
+        raise ValueError(f"{kind}: security must be {{\"offer\": string, \"answer\": string}}")
+    if keys is None:
+        return
+    if sorted(keys) != list(_KEY_DIRECTIONS):
+        raise ValueError(f"{kind}: keys must have exactly {' and '.join(_KEY_DIRECTIONS)}")
+    for direction in _KEY_DIRECTIONS:
+        pair = keys[direction]
+        if not isinstance(pair, dict) or sorted(pair) != list(_KEY_PARTS):
+            raise ValueError(f"{kind}: keys.{direction} must have exactly enc and auth")
+        for part in _KEY_PARTS:
+            if not _is_hex(pair[part]):
+                raise ValueError(f"{kind}: keys.{direction}.{part} must be a hex string")
+
+
+def _is_hex(value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _names(names: list[str]) -> str:
+    """Field names from the wire, printable: plain when they are simple, quoted otherwise."""
+    return ", ".join(n if n.replace("-", "").replace("_", "").isalnum() and n.isascii()
+                     else repr(n[:40]) for n in names)
+
+
 def _json_type_ok(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
     if isinstance(hint, types.UnionType):
         return any(_json_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
@@ -263,23 +336,30 @@ def _json_type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, bool)
     if origin is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin)
+    if not isinstance(value, origin):
+        return False
+    args = typing.get_args(hint)
+    if origin is list and args:
+        return all(_json_type_ok(v, args[0]) for v in value)
+    if origin is dict and args:
+        return all(_json_type_ok(v, args[1]) for v in value.values())
+    return True
 
 
 def _type_name(hint: Any) -> str:
     if isinstance(hint, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
     origin = typing.get_origin(hint) or hint
+    args = typing.get_args(hint)
+    if origin is list and args and args[0] is not Any:
+        return f"array of {_type_name(args[0])}"
     return {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array",
             type(None): "null"}.get(origin, str(origin))
 
 
 def parse(data: bytes) -> Smig:
     """One SMIG message from a MESSAGE body; ValueError says precisely what is wrong."""
-    try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"SMIG body is not valid JSON: {exc}") from None
+    body = loads(data, "SMIG body")
     if not isinstance(body, dict):
         raise ValueError("SMIG body must be a JSON object")
     kind = body.get("type")
@@ -291,7 +371,7 @@ def parse(data: bytes) -> Smig:
     wire = {name.replace("_", "-"): name for name in fields}
     unknown = sorted(set(body) - set(wire) - {"type"})
     if unknown:
-        raise ValueError(f"{kind}: unknown field(s) {', '.join(unknown)}")
+        raise ValueError(f"{kind}: unknown field(s) {_names(unknown)}")
     args: dict[str, Any] = {}
     for wname, name in wire.items():
         f = fields[name]

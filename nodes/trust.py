@@ -9,11 +9,11 @@ HMAC-SHA-256 key. The policies cover all UDP between the two hosts.
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
 from nodes.ipsec.api import IPPROTO_UDP, Direction, Policy, SecurityAssociation, Selector
+from nodes.jsonin import loads
 from nodes.labconfig import ConfigError
 from nodes.mediakeys import hkdf_sha256
 
@@ -23,11 +23,13 @@ INFO = b"ipsec-man"
 
 def load_key(path: Path | str) -> bytes:
     try:
-        text = json.loads(Path(path).read_text()).get("key", "")
+        text = loads(Path(path).read_bytes(), str(path)).get("key", "")
         key = bytes.fromhex(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (ValueError, AttributeError, UnicodeDecodeError, TypeError):
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (ValueError, AttributeError, TypeError):
         raise ConfigError(f"{path}: expected {{\"key\": \"<hex>\"}}") from None
     if len(key) < 16:
         raise ConfigError(f"{path}: the trust key must be at least 16 bytes")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from experiments.control import NodeControl, NodeError
+from nodes.cli import StartupError
 from nodes.control import CommandError, ControlServer
 
 
@@ -41,7 +42,13 @@ def _server(path: str) -> ControlServer:
         (b'{"cmd": "call", "to": "sip:b", "video": 1}', "parameter 'video' must be bool"),
         (b'{"cmd": "call", "to": "tel:1"}', "call: not a SIP URI: 'tel:1'"),
         (b'{"cmd": "crash"}', "crash: internal error: RuntimeError('bug')"),
+        (b"[" * 1000 + b"]" * 1000, "request is not valid JSON: nested deeper than 32 levels"),
+        (b'{"cmd": "call", "to": ' + b"[" * 30000 + b"]" * 30000 + b"}",
+         "request is not valid JSON: nested deeper than 32 levels"),
+        (b'{"cmd": "call", "to": "sip:b", "video": NaN}', "NaN is not a JSON number"),
     ],
+    ids=["bad-json", "array", "no-cmd", "unknown", "missing", "extra", "mistyped", "bool",
+         "refused", "crash", "nested-1000", "nested-30000", "nan"],
 )
 def test_bad_requests_get_error_replies(line: bytes, error: str) -> None:
     reply = asyncio.run(_server("/nonexistent").dispatch(line))
@@ -70,5 +77,65 @@ def test_round_trip_over_the_socket(tmp_path: Path) -> None:
         finally:
             await server.close()
         assert not Path(path).exists()
+
+    asyncio.run(scenario())
+
+
+def test_deep_nesting_gets_a_reply_and_the_connection_stays(tmp_path: Path) -> None:
+    """It used to kill the connection task (RecursionError, 'Task exception was never
+    retrieved') with no reply at all."""
+    path = str(tmp_path / "node.sock")
+
+    async def scenario() -> None:
+        server = _server(path)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+            writer.write(b"[" * 20000 + b"]" * 20000 + b"\n")
+            writer.write(b'{"cmd": "call", "to": "sip:b1@x"}\n')
+            first = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            second = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            writer.close()
+            assert first["ok"] is False and "nested deeper" in first["error"]
+            assert second == {"ok": True, "result": {"to": "sip:b1@x", "video": False}}
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())
+
+
+def test_unusable_socket_paths_are_one_line_startup_errors(tmp_path: Path) -> None:
+    keep = tmp_path / "config.json"
+    keep.write_text("{}")
+    cases = [(str(tmp_path / "missing" / "x.sock"), "no directory"),
+             (str(tmp_path / ("x" * 120 + ".sock")), "longer than 107 bytes"),
+             (str(keep), "exists and is not a socket")]
+
+    async def scenario() -> None:
+        for path, error in cases:
+            server = _server(path)
+            with pytest.raises(StartupError) as err:
+                await server.start()
+            assert str(err.value).startswith(f"control socket {path}: ")
+            assert error in str(err.value)
+            await server.close()
+        assert keep.read_text() == "{}"  # a file in the way is neither replaced nor removed
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = str(tmp_path / "node.sock")
+
+    async def scenario() -> None:
+        for _ in range(2):  # the second start finds the first one's socket file
+            old = _server(path)
+            await old.start()
+            old._server.close()  # type: ignore[union-attr]  # a node killed before close()
+        server = _server(path)
+        await server.start()
+        assert await asyncio.to_thread(NodeControl(path, timeout=5), "call", to="sip:x") == {
+            "to": "sip:x", "video": False}
+        await server.close()
 
     asyncio.run(scenario())

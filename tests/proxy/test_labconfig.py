@@ -52,6 +52,19 @@ GOOD = {"domain": "m2m.example", "users": {"alice": {"terminals": {"a1": ["audio
         ({"servers": {"proxy": "x", "sms": "10.0.0.11", "presence": "10.0.0.12"}},
          "server 'proxy': bad IPv4 address 'x'"),
         ({"colour": "blue"}, "unknown key(s): colour"),
+        ({"friends": [[["alice"], "bob"]]}, "friends entry [['alice'], 'bob']: expected two"),
+        ({"friends": [["alice", {"x": 1}]]}, "expected two different known users"),
+        ({"friends": "alice,bob"}, "'friends' must be a list of [user, user] pairs"),
+        ({"friends": [["alice"]]}, "expected two different known users"),
+        ({"servers": {"proxy": "999.1.1.1", "sms": "10.0.0.11", "presence": "10.0.0.12"}},
+         "server 'proxy': bad IPv4 address '999.1.1.1'"),
+        ({"servers": {"proxy": "10.1", "sms": "10.0.0.11", "presence": "10.0.0.12"}},
+         "server 'proxy': bad IPv4 address '10.1'"),
+        ({"users": {"alice": {"terminals": {"proxy": ["audio"]}}}},
+         "terminal name 'proxy' is a server's name"),
+        ({"users": {"alice": {"terminals": {"a1": ["audio"]}, "pets": 1}}},
+         "user 'alice': unknown key(s): pets"),
+        ({"users": {"alice": {"terminals": {"a1": [["audio"]]}}}}, "capabilities must be"),
     ],
 )
 def test_bad_config(change: dict[str, object], error: str) -> None:
@@ -74,3 +87,24 @@ def test_bad_files(tmp_path: Path) -> None:
         Credentials.load(bad)
     assert "PSK of 'a1' must be 16 to 64 bytes of hex" in str(err.value)
     assert secret not in str(err.value)
+
+
+def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
+        LabConfig.load(tmp_path)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match="not valid JSON: nested deeper than 32 levels"):
+        LabConfig.load(deep)
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Credentials.load(binary)
+
+
+def test_require_terminal() -> None:
+    cfg = LabConfig.load(ROOT / "config" / "lab.json")
+    assert cfg.require_terminal("a2").user == "alice"
+    with pytest.raises(ConfigError) as err:
+        cfg.require_terminal("zz")
+    assert str(err.value).endswith("lab.json: no terminal 'zz' (terminals: a1, a2, b1, b2)")
