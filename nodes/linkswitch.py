@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
 from nodes import smig
 from nodes.control import CommandError
 from nodes.linkmon import Cause, LinkMonitor, MediaTimeout, Trigger
-from nodes.mediakeys import M2mKey, Role, media_key, set_media_key
-from nodes.mediasession import MediaError, MediaSession
+from nodes.mediakeys import M2mKey, Role, set_media_key
+from nodes.mediasession import MediaError, MediaSession, check_media_address, remote_media
 from nodes.sip.sdp import SessionDescription
 from nodes.sip.transaction import ServerTransaction
 
@@ -34,6 +35,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("linkswitch")
 METHODS = ("proposed", "register-then-switch", "reinvite")
 DONE_WAIT = 20.0
+MAX_MEDIA_TIMEOUT = 60.0  # seconds; longer is no "link failure" detection any more
+
+
+def check_media_timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not math.isfinite(value) or not 0 < value <= MAX_MEDIA_TIMEOUT:
+        raise ValueError(f"media_timeout must be a number of seconds in (0, "
+                         f"{MAX_MEDIA_TIMEOUT:g}], got {value!r}")
+    return float(value)
 
 
 class LinkSwitcher:
@@ -50,27 +60,39 @@ class LinkSwitcher:
 
     # -- triggers ---------------------------------------------------------------------------------
     async def arm(self, method: str, media_timeout: float) -> None:
-        """Watch the interfaces' carrier and the media; switch by `method` when either fails."""
+        """Watch the interfaces' carrier and the media; switch by `method` when either fails.
+        Everything is checked and built first: a ValueError leaves the triggers as they were."""
         if method not in METHODS:
             raise ValueError(f"unknown link-switch method {method!r} (one of {METHODS})")
+        watchdog = MediaTimeout(self._last_media_ns, self._on_media_timeout,
+                                timeout=check_media_timeout(media_timeout), path="media")
+        if self.linkmon is None:
+            linkmon = LinkMonitor(list(self.term.interfaces), self._on_carrier)
+            await linkmon.start()
+            self.linkmon = linkmon
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.watchdog = watchdog
+        watchdog.start()
         self.auto_method = method
-        self.linkmon = LinkMonitor(list(self.term.interfaces), self._on_carrier)
-        await self.linkmon.start()
-        self.watchdog = MediaTimeout(self._last_media_ns, self._on_media_timeout,
-                                     timeout=media_timeout, path="media")
-        self.watchdog.start()
 
     async def set_auto(self, method: str, media_timeout: float = 0.3) -> dict[str, Any]:
         """Control command: switch automatically by `method` on failures ("off": don't)."""
+        if method != "off" and method not in METHODS:
+            raise CommandError(f"unknown method {method!r} (off or one of {', '.join(METHODS)})")
+        try:
+            timeout = check_media_timeout(media_timeout)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         if method == "off":
             self.auto_method = None
-        elif method not in METHODS:
-            raise CommandError(f"unknown method {method!r} (off or one of {', '.join(METHODS)})")
-        elif self.linkmon is None:
-            await self.arm(method, media_timeout)
+        elif self.linkmon is None or self.watchdog is None or \
+                self.watchdog.timeout != timeout:
+            await self.arm(method, timeout)
         else:
             self.auto_method = method
-        return {"auto_switch": self.auto_method or "off"}
+        return {"auto_switch": self.auto_method or "off",
+                "media_timeout": self.watchdog.timeout if self.watchdog else None}
 
     async def disarm(self) -> None:
         if self.watchdog is not None:
@@ -171,22 +193,33 @@ class LinkSwitcher:
 
     # -- Fig 4 at the terminals: link-config ------------------------------------------------------
     def prepare(self, msg: smig.LinkConfig) -> None:
-        """Before answering the SMS: the moving terminal can receive on its new address."""
+        """Before answering the SMS: the link config is usable (MediaError says why not,
+        and nothing changes), and the moving terminal can receive on its new address."""
         session = self.term.media.get(msg.session)
-        if session is None:
-            raise MediaError(f"no session {msg.session}")
+        if session is None or session.remote is None:
+            raise LookupError(f"no session {msg.session!r} here")
+        address = check_media_address(msg.address, "link-config")
         if msg.terminal == self.term.name:
-            session.prepare_move_local(msg.address)
+            if address not in self.term.interfaces.values():
+                raise MediaError(f"link-config: {address} is not an address of this "
+                                 "terminal")
+            session.prepare_move_local(address)
+        elif address == session.local_ip:
+            raise MediaError(f"link-config: {address} is this terminal's own address")
 
     async def on_link_config(self, msg: smig.LinkConfig) -> None:
         session = self.term.media.get(msg.session)
         if session is None:
             return
         self.emit("link-config", session=msg.session, terminal=msg.terminal)
-        if msg.terminal == self.term.name:
-            session.move_local(msg.address)
-        else:
-            session.move_remote(msg.address)
+        try:
+            if msg.terminal == self.term.name:
+                session.move_local(msg.address)
+            else:
+                session.move_remote(msg.address)
+        except MediaError as exc:
+            self.emit("failed", session=msg.session, error=str(exc))
+            return
         self.emit("media-moved", session=msg.session, address=msg.address)
         self.emit("switch-complete", session=msg.session)
         await self.term.smig.send("sms", smig.SwitchComplete(msg.session, self.term.name))
@@ -204,8 +237,14 @@ class LinkSwitcher:
         resp = await term.ua.request(dlg, "INVITE", body=sdp, content_type="application/sdp")
         if resp.status != 200:
             raise CommandError(f"re-INVITE refused: {resp.status} {resp.reason}")
-        theirs = _key_of(resp.body)
-        session.renegotiate(Role.OFFERER, mine, theirs, local_ip=new_ip)
+        try:
+            _, remote, theirs = remote_media(resp.body, session.kind)
+            if theirs is None:
+                raise MediaError("SDP without a=m2m-key")
+            session.renegotiate(Role.OFFERER, mine, theirs, local_ip=new_ip, remote=remote)
+        except MediaError as exc:  # the peer has moved to keys we cannot use: end the call
+            await term.hangup(cid)
+            raise CommandError(f"re-INVITE answer unusable: {exc}; call ended (BYE)") from None
         self.emit("media-moved", session=cid, address=new_ip)
         self.emit("switch-complete", session=cid)
 
@@ -216,21 +255,20 @@ class LinkSwitcher:
         if session is None:
             tx.reply(488, "No media session")
             return
-        try:
-            sd = SessionDescription.parse(tx.request.body)
-            conn = sd.media_connection(0)
-            theirs = _key_of(tx.request.body)
-            if conn is None:
-                raise ValueError("no c= line")
-            remote = (conn.address, sd.media[0].port)
-        except (ValueError, IndexError, MediaError) as exc:
-            tx.reply(488, f"Bad re-INVITE SDP: {exc}"[:80])
-            return
         mine = M2mKey.fresh(term._spis_in_use())
+        try:  # everything checked and the new SAs in place before the 200
+            _, remote, theirs = remote_media(tx.request.body, session.kind)
+            if theirs is None:
+                raise MediaError("SDP without a=m2m-key")
+            if remote[0] == session.local_ip:
+                raise MediaError(f"SDP c= {remote[0]} is this terminal's own address")
+            session.renegotiate(Role.ANSWERER, mine, theirs, remote=remote)
+        except MediaError as exc:
+            term.refuse_sdp(tx, cid, exc)
+            return
         assert term.ua is not None
         tx.reply(200, headers=[("Contact", f"<{term.ua.contact}>")],
                  body=_sdp(session, session.local_ip, mine), content_type="application/sdp")
-        session.renegotiate(Role.ANSWERER, mine, theirs, remote=remote)
         self.emit("media-moved", session=cid, address=remote[0], kind="re-INVITE")
 
 
@@ -242,11 +280,3 @@ def _sdp(session: MediaSession, ip: str, key: M2mKey) -> bytes:
     return sd.serialize()
 
 
-def _key_of(body: bytes) -> M2mKey:
-    try:
-        key = media_key(SessionDescription.parse(body).media[0])
-    except (ValueError, IndexError) as exc:
-        raise MediaError(f"bad SDP: {exc}") from None
-    if key is None:
-        raise MediaError("SDP without a=m2m-key")
-    return key

@@ -3,6 +3,11 @@ the moved media channel, completes, hands over, rekeys.
 
 Every step is an event `fig3` with its step number, in the terminal's own log, so that the
 experiments can line the steps of all processes up (DESIGN §2, Measurements).
+
+SMIG messages are taken only from the session management server (and presence results only
+from the presence server): the proxy refuses a terminal that claims to be one of them, so
+anything else is another terminal's attempt to drive this one, refused with 403. What a
+message asks for is checked in full (keys parsed, SAs built) before any state changes.
 """
 
 from __future__ import annotations
@@ -13,17 +18,27 @@ from typing import TYPE_CHECKING, Any
 
 from nodes import smig
 from nodes.control import CommandError
+from nodes.ipsec.api import IPsecError
 from nodes.mediakeys import M2mKey, Role
-from nodes.mediasession import MediaError, MediaSession
+from nodes.mediasession import (
+    MediaError,
+    MediaSession,
+    check_media_address,
+    check_media_port,
+    reused_keys,
+)
 from nodes.sip.endpoint import new_tag
 from nodes.sip.message import Request
 from nodes.sip.transaction import ServerTransaction, TransactionTimeout
+from nodes.sip.uri import SipUri
 
 if TYPE_CHECKING:
     from nodes.terminal import Terminal
 
 log = logging.getLogger("smig")
 SWITCH_WAIT = 20.0
+# Which server may send which message to a terminal (everything else: the SMS).
+FROM_PRESENCE = (smig.PresenceResult,)
 
 
 class SmigAgent:
@@ -75,13 +90,13 @@ class SmigAgent:
             raise CommandError(f"no established call {call_id!r}")
         if call_id in self._switches:
             raise CommandError(f"a switch of {call_id!r} is already running")
-        security, keys = session.export() if method == "reuse" else (None, None)
+        try:
+            smig.SwitchRequest(call_id, to, media, method).check()
+            security, keys = session.export() if method == "reuse" else (None, None)
+        except ValueError as exc:  # MediaError too: key reuse without keys (open mode)
+            raise CommandError(str(exc)) from None
         req = smig.SwitchRequest(call_id, to, media, method, from_terminal=self.term.name,
                                  security=security, keys=keys)
-        try:
-            req.check()
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
         waiter = asyncio.get_running_loop().create_future()
         self._switches[call_id] = waiter
         self.emit(1, session=call_id, new_terminal=to, media=media, method=method)
@@ -100,20 +115,48 @@ class SmigAgent:
         return {"session": call_id, "terminals": result.terminals}
 
     # -- incoming SMIG messages -------------------------------------------------------------------
+    def _sender(self, tx: ServerTransaction) -> str | None:
+        """Which server sent this MESSAGE ("sms" or "presence"), from its From; None for
+        anyone else."""
+        frm = tx.request.from_
+        if frm is None or not isinstance(frm.uri, SipUri):
+            return None
+        domain = self.term.config.domain
+        return next((server for server in ("sms", "presence")
+                     if frm.uri.aor() == f"sip:{server}@{domain}"), None)
+
+    def _refuse(self, tx: ServerTransaction, status: int, reason: str, why: str) -> None:
+        frm = tx.request.from_
+        self.term.counters[f"smig-refused-{status}"] += 1
+        log.info("%s: SMIG refused (%d): %s", self.term.name, status, why)
+        self.term.events.emit("smig-refused", status=status, why=why,
+                              sender=str(frm.uri) if frm else None)
+        tx.reply(status, reason)
+
     async def on_message(self, tx: ServerTransaction) -> None:
+        sender = self._sender(tx)
+        if sender is None:
+            self._refuse(tx, 403, "SMIG only from the session management server",
+                         "not from the SMS or presence")
+            return
         try:
             msg = smig.parse(tx.request.body)
         except ValueError as exc:
-            self.term.events.emit("smig-refused", status=400, why=str(exc))
-            tx.reply(400, "Bad SMIG body")
+            self._refuse(tx, 400, "Bad SMIG body", str(exc))
             return
-        if isinstance(msg, smig.LinkConfig):
-            try:  # Fig 4: the moving side must be able to receive before it says yes
-                self.term.linkswitch.prepare(msg)
-            except (MediaError, ValueError) as exc:
-                self.term.events.emit("smig-refused", status=481, why=str(exc))
-                tx.reply(481, "No such session here")
-                return
+        wanted = "presence" if isinstance(msg, FROM_PRESENCE) else "sms"
+        if sender != wanted:
+            self._refuse(tx, 403, f"{msg.TYPE} only from the {wanted} server",
+                         f"{msg.TYPE} from {sender}")
+            return
+        try:
+            self._check(msg)
+        except LookupError as exc:
+            self._refuse(tx, 481, "No such session here", str(exc))
+            return
+        except ValueError as exc:  # MediaError too
+            self._refuse(tx, 488, "Not Acceptable Here", str(exc))
+            return
         handler = {
             smig.LinkConfig: self.term.linkswitch.on_link_config,
             smig.SwitchRequest: self._on_switch_request,
@@ -125,10 +168,40 @@ class SmigAgent:
             smig.End: self._on_end,
         }.get(type(msg))
         if handler is None:
-            tx.reply(400, f"A terminal does not take {msg.TYPE}")
+            self._refuse(tx, 400, f"A terminal does not take {msg.TYPE}", msg.TYPE)
             return
         tx.reply(200)
-        self._spawn(handler(msg))  # type: ignore[operator]
+        self._spawn(self._run(msg, handler(msg)))  # type: ignore[operator]
+
+    def _check(self, msg: smig.Smig) -> None:
+        """What can be checked before the 200: a bad key, address or a link config this
+        terminal cannot take (LookupError: no such session; ValueError: unusable)."""
+        if isinstance(msg, smig.LinkConfig):
+            # Fig 4: the moving side must be able to receive before it says yes
+            self.term.linkswitch.prepare(msg)
+        elif isinstance(msg, smig.Rekey) and msg.key:
+            M2mKey.parse(msg.key)
+        elif isinstance(msg, smig.SessionConfig):
+            if msg.terminal != self.term.name:
+                raise ValueError(f"session-config for {msg.terminal}, this is "
+                                 f"{self.term.name}")
+            capabilities = self.term.config.terminals[self.term.name].capabilities
+            if msg.media not in capabilities:
+                raise ValueError(f"this terminal does not do {msg.media}")
+            check_media_address(msg.peer_address, "peer")
+            if msg.method == "reuse":
+                if msg.security is None or msg.keys is None:
+                    raise ValueError("session-config for key reuse without keys")
+                reused_keys(msg.security, msg.keys)
+
+    async def _run(self, msg: smig.Smig, work: Any) -> None:
+        """A message's work in the background: what goes wrong is one clear line, once."""
+        try:
+            await work
+        except (CommandError, ValueError, IPsecError) as exc:  # MediaError is a ValueError
+            log.info("%s: %s for %s failed: %s", self.term.name, msg.TYPE, msg.session, exc)
+            self.term.events.emit("smig-failed", type=msg.TYPE, session=msg.session,
+                                  why=str(exc))
 
     async def _on_switch_request(self, msg: smig.SwitchRequest) -> None:
         """Step (2) arrives at the peer; step (3): pick our terminal via presence, answer
@@ -144,7 +217,11 @@ class SmigAgent:
             await self.send("sms", smig.SwitchResponse(
                 msg.session, False, reason=f"no registered terminal can do {msg.media}"))
             return
-        security, keys = session.export() if msg.method == "reuse" else (None, None)
+        try:
+            security, keys = session.export() if msg.method == "reuse" else (None, None)
+        except MediaError as exc:
+            await self.send("sms", smig.SwitchResponse(msg.session, False, reason=str(exc)))
+            return
         self.emit(3, session=msg.session, new_terminal=terminal)
         await self.send("sms", smig.SwitchResponse(msg.session, True, terminal,
                                                    security=security, keys=keys))
@@ -163,7 +240,9 @@ class SmigAgent:
             return None
         finally:
             self._queries.pop(query, None)
-        able = [t for t in result.terminals if t["registered"] and media in t["capabilities"]]
+        able = [t for t in result.terminals if isinstance(t, dict)
+                and isinstance(t.get("terminal"), str) and t.get("registered") is True
+                and isinstance(t.get("capabilities"), list) and media in t["capabilities"]]
         # Prefer another terminal than this one: that is what a terminal switch is for.
         able.sort(key=lambda t: t["terminal"] == self.term.name)
         return able[0]["terminal"] if able else None
@@ -174,7 +253,9 @@ class SmigAgent:
             waiter.set_result(msg)
 
     async def _on_session_config(self, msg: smig.SessionConfig) -> None:
-        """Steps (5)-(7) at a new terminal: set up the channel, report completion."""
+        """Steps (5)-(7) at a new terminal: set up the channel, report completion. The new
+        channel is made ready (keys checked or negotiated, SAs built) before a session this
+        terminal already has for it is replaced; if it cannot be, the old one stays."""
         self.emit(5, session=msg.session, media=msg.media, method=msg.method)
         term = self.term
         role = Role.OFFERER if msg.role == "offerer" else Role.ANSWERER
@@ -186,23 +267,25 @@ class SmigAgent:
             term.events.emit("smig-failed", session=msg.session, why=str(exc))
             return
         remote = (msg.peer_address, msg.peer_port)
-        old = term.media.pop(msg.session, None)
-        if old is not None:
-            await old.close("replaced by a switch")
-        term.media[msg.session] = session
         try:
             if msg.method == "reuse":
-                if msg.security is None or msg.keys is None:
-                    raise MediaError("session-config for key reuse without keys")
-                session.adopt(msg.security, msg.keys, remote)
+                session.adopt(msg.security, msg.keys, remote, msg.session)
             else:
                 await self._negotiate(session, msg, remote)
         except MediaError as exc:
             term.events.emit("smig-failed", session=msg.session, why=str(exc))
             await session.close("switch failed")
-            term.media.pop(msg.session, None)
             return
-        session.establish(msg.session)  # step (6): SPD and SAD
+        old = term.media.pop(msg.session, None)
+        if old is not None:  # (reused keys: its SAs have the same SPIs, so they go first)
+            await old.close("replaced by a switch")
+        try:
+            session.establish(msg.session)  # step (6): SPD and SAD
+        except MediaError as exc:
+            term.events.emit("smig-failed", session=msg.session, why=str(exc))
+            await session.close("switch failed")
+            return
+        term.media[msg.session] = session
         self.emit(6, session=msg.session, spi_out=session.saset.outbound.spi
                   if session.saset else None, reused=msg.method == "reuse")
         session.start_sending()  # step (8) starts as soon as our half is up
@@ -212,7 +295,8 @@ class SmigAgent:
     async def _negotiate(self, session: MediaSession, msg: smig.SessionConfig,
                          remote: tuple[str, int]) -> None:
         """The baseline (T-B): fresh keys between the new terminals before switching."""
-        session.remote = remote
+        session.remote = (check_media_address(remote[0], "peer"),
+                          check_media_port(remote[1], "peer"))
         waiter = asyncio.get_running_loop().create_future()
         self._negotiations[msg.session] = waiter
         try:
@@ -221,9 +305,12 @@ class SmigAgent:
                 session.local_key = mine
                 await self.send("sms", smig.Rekey(msg.session, "offer", self.term.name,
                                                   mine.serialize(), "negotiate"))
-                session.remote_key = await asyncio.wait_for(waiter, SWITCH_WAIT)
+                theirs = await asyncio.wait_for(waiter, SWITCH_WAIT)
+                session.check_algorithms(theirs)
+                session.remote_key = theirs
             else:
                 theirs = await asyncio.wait_for(waiter, SWITCH_WAIT)
+                session.check_algorithms(theirs)
                 session.remote_key = theirs
                 session.local_key = M2mKey.fresh(self.term._spis_in_use())
                 await self.send("sms", smig.Rekey(msg.session, "answer", self.term.name,
@@ -290,10 +377,13 @@ class SmigAgent:
                       if session.saset else None)
 
     async def _on_end(self, msg: smig.End) -> None:
-        session = self.term.media.pop(msg.session, None)
+        term = self.term
+        if msg.session in term.calls:  # still an INVITE dialog: end it properly (BYE)
+            await term.hangup(msg.session)
+        session = term.media.pop(msg.session, None)
         if session is not None:
             await session.close("session ended")
-        self.term.events.emit("session-ended", session=msg.session, reason=msg.reason)
+        term.events.emit("session-ended", session=msg.session, reason=msg.reason)
 
     async def send_raw(self, server: str, body: str) -> dict[str, Any]:
         """Send any body as a SMIG MESSAGE to the SMS or presence (a lab tool: craft, and
@@ -316,13 +406,18 @@ class SmigAgent:
         """The security information and keys of a call, as a switch request carries them
         (a lab tool for building requests by hand; they travel only inside ESP)."""
         session = self.term.media.get(call_id)
-        if session is None or session.local_key is None or session.remote_key is None:
+        if session is None:
             raise CommandError(f"no secure call {call_id!r}")
-        security, keys = session.export()
+        try:
+            security, keys = session.export()
+        except MediaError as exc:
+            raise CommandError(f"no secure call {call_id!r}: {exc}") from None
         return {"security": security, "keys": keys}
 
     async def end(self, session: str) -> dict[str, Any]:
         """Tear an anchored session down everywhere (through the SMS)."""
+        if not session:
+            raise CommandError("end: empty session")
         status, reason = await self.send("sms", smig.End(session))
         if status != 200:
             raise CommandError(f"end refused: {status} {reason}")

@@ -6,6 +6,13 @@ in its event log with a wall-clock `t_ns` (DESIGN §2, Measurements).
     python -m nodes.terminal --name a1 --local 10.0.1.10 --proxy 10.0.0.10 --mode open \\
         --events run/events/a1.jsonl --control run/ctl/a1.sock
 
+In ipsec-m2ms mode port 5060 is only where Fig 1 starts: it takes the answers to the
+terminal's own unprotected REGISTER and drops every request unanswered (counted, logged);
+requests come in over the protected channel, from the proxy's protected port, or not at all.
+An offer the terminal cannot take gets 488 with the reason in a Warning header before
+anything is set up; a 2xx that is never acknowledged ends the call with a BYE (RFC 3261
+§13.3.1.4); on shutdown BYEs go out in parallel, bounded, and the SAs always go.
+
 Control commands (JSON replies; `help` lists them with their parameters):
 
     register  [expires]        REGISTER with the proxy; replies with the status
@@ -22,6 +29,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -33,20 +41,33 @@ from nodes.control import CommandError, ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import ConfigError, Credentials, LabConfig
-from nodes.linkswitch import LinkSwitcher
+from nodes.linkswitch import LinkSwitcher, check_media_timeout
 from nodes.mediakeys import Role
-from nodes.mediasession import MediaError, MediaSession
+from nodes.mediasession import FORMATS, MediaError, MediaSession
 from nodes.secreg import ClientChannel, RegistrationError, SecRegClient
 from nodes.sip.dialog import Dialog, UserAgent
 from nodes.sip.endpoint import SipEndpoint, new_tag
-from nodes.sip.message import Request
+from nodes.sip.grammar import quote
+from nodes.sip.message import Request, Response
 from nodes.sip.timers import TimerConfig
 from nodes.sip.transaction import ServerTransaction, TransactionTimeout
 from nodes.sip.transport import Addr, UdpTransport
-from nodes.sip.uri import SipUri
+from nodes.sip.uri import SipUri, parse_uri
 from nodes.smigagent import SmigAgent
 
 log = logging.getLogger("terminal")
+# On shutdown, how long the BYEs of all calls may take together: a dead peer must not hold
+# up the exit (the lab gives a node 3 s after SIGTERM before it kills it).
+CLOSE_BYE_WAIT = 1.0
+DROP_LOG_INTERVAL = 1.0  # s: dropped requests, one log line per source at most this often
+MAX_MESSAGE_TEXT = 1300  # bytes; RFC 3428 §6: MESSAGE over UDP without congestion control
+
+
+def warning(agent: str, text: str) -> str:
+    """A Warning header value (RFC 3261 §20.43, code 399) that says why, on one short
+    printable line."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text)[:160]
+    return f"399 {agent} {quote(clean)}"
 
 
 class Terminal:
@@ -77,6 +98,9 @@ class Terminal:
             self.interfaces[f"{name}-primary"] = local_ip
         self.active_ip = local_ip
         self.channels: dict[str, ClientChannel] = {}  # local address -> protected channel
+        # Protected endpoint -> the proxy address its requests must come from (Fig 1 SAs).
+        self._protected: dict[SipEndpoint, Addr] = {}
+        self._drop_log: dict[str, tuple[float, int]] = {}  # source -> (last logged, since)
         self._secregs: dict[str, SecRegClient] = {}
         self._plains: dict[str, SipEndpoint] = {}
         self.name, self.config = name, config
@@ -116,41 +140,108 @@ class Terminal:
     async def _plain_for(self, ip: str) -> SipEndpoint:
         """Port 5060 on that address: where Fig 1 starts."""
         if ip not in self._plains:
-            self._plains[ip] = self._make_endpoint(await UdpTransport.create(ip, self.port))
+            self._plains[ip] = self._plain_endpoint(await UdpTransport.create(ip, self.port))
         return self._plains[ip]
 
-    def _make_endpoint(self, transport: UdpTransport) -> SipEndpoint:
-        """An endpoint of the protected channel, served by the same UA core."""
+    def _plain_endpoint(self, transport: UdpTransport) -> SipEndpoint:
+        """The unprotected port. In ipsec-m2ms mode it takes only the responses to our own
+        REGISTER (Fig 1 step 1): every request there is dropped without an answer — the
+        proxy reaches us over the protected channel, and nobody else may."""
         ep = SipEndpoint(transport, timers=self.timers, name=self.name)
         if self.ua is not None:
             ep.handler = self.ua._handle
             ep.ack_handler = self.ua._on_ack
+        if self.mode == "ipsec-m2ms":
+            ep.request_filter = lambda _source: False
+            ep.on_filtered = partial(self._dropped, "unprotected")
         return ep
+
+    def _make_endpoint(self, transport: UdpTransport) -> SipEndpoint:
+        """An endpoint of the protected channel, served by the same UA core: requests only
+        from the proxy's end of the channel's SAs (others are dropped unanswered)."""
+        ep = SipEndpoint(transport, timers=self.timers, name=self.name)
+        if self.ua is not None:
+            ep.handler = self.ua._handle
+            ep.ack_handler = self.ua._on_ack
+        ep.request_filter = partial(self._from_proxy, ep)
+        ep.on_filtered = partial(self._dropped, "not from the proxy")
+        return ep
+
+    def _from_proxy(self, ep: SipEndpoint, source: Addr) -> bool:
+        return self._protected.get(ep) == source
+
+    def _dropped(self, why: str, method: str | None, source: Addr) -> None:
+        """Every dropped request is counted; a log line and an event at most once a second
+        per source address (a flood must not become a log flood)."""
+        self.counters["dropped-unprotected" if why == "unprotected"
+                      else "dropped-not-proxy"] += 1
+        now = time.monotonic()
+        last, unlogged = self._drop_log.get(source[0], (-DROP_LOG_INTERVAL, 0))
+        if now - last < DROP_LOG_INTERVAL:
+            self._drop_log[source[0]] = (last, unlogged + 1)
+            return
+        if len(self._drop_log) >= 1024:  # bounded: sources come from the network
+            self._drop_log.clear()
+        self._drop_log[source[0]] = (now, 0)
+        log.info("%s: dropped %s from %s:%d: %s%s", self.name,
+                 method or "unparseable request", *source, why,
+                 f" ({unlogged} more unlogged before)" if unlogged else "")
+        self.events.emit("dropped", why=why, method=method, source=list(source),
+                         unlogged_before=unlogged)
+
+    def _protect(self, channel: ClientChannel) -> None:
+        """The channel is up: its endpoints take requests from the proxy's protected ports
+        (proxy port-c → our port-s, proxy port-s → our port-c: each pair has its SA)."""
+        server = channel.agreed.server
+        self._protected[channel.ep_s] = (server.ip, server.port_c)
+        self._protected[channel.ep_c] = (server.ip, server.port_s)
+
+    def _unprotect(self, channel: ClientChannel) -> None:
+        self._protected.pop(channel.ep_s, None)
+        self._protected.pop(channel.ep_c, None)
+
+    async def _close_channel(self, ip: str, channel: ClientChannel) -> None:
+        self._unprotect(channel)
+        await self._secreg_for(ip).close_channel(channel)
 
     async def start(self) -> None:
         transport = await UdpTransport.create(self.local_ip, self.port)
-        endpoint = SipEndpoint(transport, timers=self.timers, name=self.name)
+        endpoint = self._plain_endpoint(transport)
         self.ua = UserAgent(endpoint, self.aor, on_request=self._on_request)
         self.ua.on_ack = self._on_ack
+        self.ua.on_ack_timeout = self._on_ack_timeout
         self.plain = endpoint
         self._plains[self.local_ip] = endpoint
         self.events.emit("terminal-started", aor=self.aor, local=f"{self.local_ip}:{self.port}",
                          proxy=f"{self.proxy[0]}:{self.proxy[1]}")
 
     async def close(self) -> None:
-        if self.ua is not None:
-            for dlg in list(self.calls.values()):
-                await self._bye(dlg)
+        """BYE for every call (in parallel, at most CLOSE_BYE_WAIT in all), media and SAs
+        removed, sockets closed. The channels' SAs go whatever happens before."""
+        if self.ua is None:
+            return
+        try:
+            await self._bye_all(CLOSE_BYE_WAIT)
             for session in list(self.media.values()):  # switched-in sessions have no dialog
                 await session.close("terminal stopped")
             self.media.clear()
             await self.linkswitch.disarm()
+        finally:
             for ip, channel in list(self.channels.items()):
-                await self._secreg_for(ip).close_channel(channel)
+                await self._close_channel(ip, channel)
             self.channels.clear()
             for plain in self._plains.values():
                 await plain.close()
             self.ua = None
+
+    async def _bye_all(self, wait: float) -> None:
+        tasks = [asyncio.ensure_future(self._bye(dlg)) for dlg in list(self.calls.values())]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=wait)
+        for task in pending:  # a dead peer: its BYE is given up (its media is gone already)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- commands ---------------------------------------------------------------------------
     def _build_register(self, expires: int, contact: Addr, body: bytes | None = None
@@ -212,6 +303,7 @@ class Terminal:
                 raise CommandError("not registered")
             del self.channels[ip]
             self.registered = bool(self.channels)
+            self._unprotect(old)
             resp = await secreg.unregister(old, partial(self._build_register, 0))
             if self.channel is None:
                 self.ua.endpoint = self.plain
@@ -227,12 +319,13 @@ class Terminal:
             self.events.emit("register-failed", error=str(exc), address=ip)
             raise CommandError(str(exc)) from None
         self.channels[ip] = channel
+        self._protect(channel)
         self.active_ip = ip
         self.ua.endpoint = channel.ep_c
         user = self.aor.removeprefix("sip:").split("@")[0]
         self.ua.contact = SipUri(ip, user, port=channel.ep_s.local_addr[1])
         if old is not None:
-            await secreg.close_channel(old)
+            await self._close_channel(ip, old)
         self.registered = True
         self.events.emit("register-done", status=resp.status, expires=expires, address=ip,
                          port_c=channel.ep_c.local_addr[1], port_s=channel.ep_s.local_addr[1])
@@ -271,13 +364,22 @@ class Terminal:
             spis |= m.spis()
         return spis
 
+    def _capable(self, kind: str) -> None:
+        capabilities = self.config.terminals[self.name].capabilities
+        if kind not in capabilities:
+            raise MediaError(f"{self.name} does not do {kind} (only "
+                             f"{', '.join(capabilities)})")
+
     async def call(self, to: str, media: str = "audio") -> dict[str, Any]:
         ua = self._ua()
         target = self._target(to)
+        if media not in FORMATS:
+            raise CommandError(f"unknown media {media!r} (audio or video)")
         hop = self._proxy_hop()
         try:
+            self._capable(media)
             session = self._media_session(Role.OFFERER, media)
-        except MediaError as exc:
+        except ValueError as exc:  # MediaError, or no free RTP port
             raise CommandError(str(exc)) from None
         tx = ua.start_invite(target, hop, body=session.sdp())
         call_id = tx.request.call_id or ""
@@ -288,19 +390,26 @@ class Terminal:
             await session.close("no answer")
             self.events.emit("call-failed", call_id=call_id, error="timeout")
             raise CommandError("call failed: no answer (Timer B)") from None
+        except ValueError as exc:  # a 2xx no dialog can be made from (Contact, tags)
+            await session.close("bad answer")
+            self.events.emit("call-failed", call_id=call_id, error=f"unusable 2xx: {exc}")
+            raise CommandError(f"call failed: unusable 2xx ({exc})") from None
         if dlg is None:
             await session.close(f"{resp.status}")
             self.events.emit("call-failed", call_id=call_id, status=resp.status)
-            return {"call_id": call_id, "status": resp.status, "reason": resp.reason}
+            result = {"call_id": call_id, "status": resp.status, "reason": resp.reason}
+            return {**result, **_warning_of(resp)}
         self.calls[dlg.call_id] = dlg
-        try:
+        try:  # the answer is checked in full before any SA goes in; the 2xx is ACKed
             session.accept_remote(resp.body)
+            session.establish(call_id)
         except MediaError as exc:
             await session.close("bad answer")
-            await self._bye(dlg)
-            raise CommandError(f"call failed: {exc}") from None
-        self.media[call_id] = session
-        session.establish(call_id)  # Fig 2: the caller's dialog is confirmed by the 2xx
+            self.events.emit("call-failed", call_id=call_id, error=f"unusable answer: {exc}")
+            status = await self._bye(dlg)
+            raise CommandError(f"call failed: unusable answer ({exc}); the call is ended "
+                               f"(BYE: {status or 'no answer'})") from None
+        self.media[call_id] = session  # Fig 2: the caller's dialog is confirmed by the 2xx
         session.start_sending()
         self.events.emit("call-confirmed", call_id=call_id, peer=str(dlg.remote_uri.uri),
                          role="caller", media=media)
@@ -319,20 +428,35 @@ class Terminal:
             await session.close(why)
 
     async def _bye(self, dlg: Dialog) -> int | None:
+        """Media (and its SAs) first, then the BYE; None: no answer."""
         assert self.ua is not None
+        ua = self.ua
         self.calls.pop(dlg.call_id, None)
         await self._end_media(dlg.call_id, "BYE")
+        status: int | None = None
         try:
-            resp = await self.ua.request(dlg, "BYE")
-            status: int | None = resp.status
-        except TransactionTimeout:
-            status = None
-        self.events.emit("call-ended", call_id=dlg.call_id, by="local", status=status)
+            status = (await ua.request(dlg, "BYE")).status
+        except (TransactionTimeout, ValueError):  # no answer, or the dialog ended meanwhile
+            pass
+        finally:  # also when a shutdown gives up on it
+            self.events.emit("call-ended", call_id=dlg.call_id, by="local", status=status)
         return status
+
+    async def _on_ack_timeout(self, dlg: Dialog) -> None:
+        """RFC 3261 §13.3.1.4: our 2xx was never acknowledged: end the session with a BYE
+        (its media, and media SAs, go first)."""
+        if self.calls.get(dlg.call_id) is not dlg:
+            return
+        self.counters["ack-timeout"] += 1
+        self.events.emit("call-failed", call_id=dlg.call_id, error="2xx never acknowledged")
+        await self._bye(dlg)
 
     async def message(self, to: str, text: str) -> dict[str, Any]:
         ua = self._ua()
         target = self._target(to)
+        if len(text.encode(errors="surrogateescape")) > MAX_MESSAGE_TEXT:
+            raise CommandError(f"text too long for a MESSAGE over UDP (at most "
+                               f"{MAX_MESSAGE_TEXT} bytes)")
         try:
             resp = await ua.message(target, self._proxy_hop(), text.encode())
         except TransactionTimeout:
@@ -381,26 +505,52 @@ class Terminal:
 
     async def _answer(self, tx: ServerTransaction) -> None:
         """An incoming call: answer with our m2m-key; SAs and receiver before the 200 goes
-        out (the caller starts sending when it sees it), our sender once the ACK comes."""
+        out (the caller starts sending when it sees it), our sender once the ACK comes. An
+        offer that cannot be used gets 488 first, with nothing set up and nothing left."""
         req = tx.request
         ua = self._ua()
         call_id = req.call_id or ""
         self.events.emit("incoming-call", call_id=call_id,
                          peer=str(req.from_.uri) if req.from_ else None)
-        try:
-            session = self._media_session(Role.ANSWERER, MediaSession.offered_kind(req.body))
-            session.accept_remote(req.body)
-        except MediaError as exc:
-            self.events.emit("call-refused", call_id=call_id, status=488, why=str(exc))
-            tx.reply(488, "Not Acceptable Here")
+        if call_id in self.media or call_id in self.calls:
+            self.events.emit("call-refused", call_id=call_id, status=400,
+                             why="Call-ID already in use")
+            tx.reply(400, "Call-ID already in use")
             return
-        session.establish(call_id)
+        try:
+            kind = MediaSession.offered_kind(req.body)
+            self._capable(kind)
+        except MediaError as exc:
+            self.refuse_sdp(tx, call_id, exc)
+            return
+        try:
+            session = self._media_session(Role.ANSWERER, kind)
+        except ValueError as exc:  # no free RTP port: ours, not the caller's fault
+            log.warning("%s: cannot answer %s: %s", self.name, call_id, exc)
+            tx.reply(503, "No media port free")
+            return
+        try:
+            session.accept_remote(req.body)
+            session.establish(call_id)
+        except MediaError as exc:
+            await session.close("refused")
+            self.refuse_sdp(tx, call_id, exc)
+            return
         self.media[call_id] = session
         new = ua.answer(tx, 200, body=session.sdp(), content_type="application/sdp")
         if new is not None:
             self.calls[new.call_id] = new
             self.events.emit("call-confirmed", call_id=new.call_id,
                              peer=str(new.remote_uri.uri), role="callee", media=session.kind)
+
+    def refuse_sdp(self, tx: ServerTransaction, call_id: str, exc: MediaError) -> None:
+        """488 for an offer this terminal cannot take, the reason in a Warning header."""
+        why = str(exc)
+        self.counters["refused-sdp"] += 1
+        log.info("%s: 488 to %s for %s: %s", self.name, tx.request.method, call_id, why)
+        self.events.emit("call-refused", call_id=call_id, status=488, why=why)
+        tx.reply(488, "Not Acceptable Here",
+                 headers=[("Warning", warning(self.local_ip, why))])
 
     def _on_ack(self, dlg: Dialog) -> None:
         session = self.media.get(dlg.call_id)
@@ -414,10 +564,25 @@ class Terminal:
         return self.ua
 
     def _target(self, to: str) -> str:
+        """A terminal name, user or AOR of the lab, or a SIP URI (checked here)."""
         term = self.config.terminal_of(to)
-        if term is None and not to.startswith("sip:"):
+        if term is not None:
+            return self.config.aor(term.name)
+        if not to.startswith("sip:"):
             raise CommandError(f"unknown terminal {to!r}")
-        return self.config.aor(term.name) if term is not None else to
+        try:
+            uri = parse_uri(to)
+        except ValueError as exc:
+            raise CommandError(f"bad SIP URI: {exc}") from None
+        if not isinstance(uri, SipUri) or uri.headers:
+            raise CommandError(f"{to!r} cannot be a Request-URI (SIP URI without headers)")
+        return to
+
+
+def _warning_of(resp: Response) -> dict[str, str]:
+    """The Warning a refusal came with (488 says why in it), if any."""
+    text = resp.get("warning")
+    return {"warning": text} if text else {}
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -448,6 +613,15 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
                     not args.media_once, mode=args.mode, psk=psk, ipsec=ipsec,
                     interfaces=dict(args.iface))
     await term.start()
+    try:
+        return await _run_terminal(args, term)
+    finally:  # SIGTERM, or a failure: BYEs (bounded), media, SAs
+        await term.close()
+        events.emit("terminal-stopped")
+        events.close()
+
+
+async def _run_terminal(args: argparse.Namespace, term: Terminal) -> int:
     if args.auto_switch != "off":
         await term.linkswitch.arm(args.auto_switch, args.media_timeout)
     control = ControlServer(args.control, args.name) if args.control else None
@@ -491,9 +665,6 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
     await until_stopped()
     if control is not None:
         await control.close()
-    await term.close()
-    events.emit("terminal-stopped")
-    events.close()
     return 0
 
 
@@ -503,6 +674,13 @@ def _iface(text: str) -> tuple[str, str]:
     if not sep or not name or len(parts) != 4 or not all(p.isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"expected IFNAME=IPV4, got {text!r}")
     return name, ip
+
+
+def _media_timeout(text: str) -> float:
+    try:
+        return check_media_timeout(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auto-switch", default="off",
                         choices=("off", "proposed", "register-then-switch", "reinvite"),
                         help="switch links by this method on carrier loss or media timeout")
-    parser.add_argument("--media-timeout", type=float, default=0.3,
+    parser.add_argument("--media-timeout", type=_media_timeout, default=0.3,
                         help="seconds without RTP that count as a failed link")
     parser.add_argument("--media-once", action="store_true",
                         help="play the speech sample once per call instead of looping it")

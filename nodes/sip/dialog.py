@@ -2,16 +2,20 @@
 
 ``Dialog`` holds the dialog state (route set from Record-Route, CSeq numbers, remote
 target) and builds in-dialog requests; ``UserAgent`` runs INVITE/ACK/re-INVITE/UPDATE
-(RFC 3311)/BYE/CANCEL and MESSAGE in and out of dialogs.
+(RFC 3311)/BYE/CANCEL and MESSAGE in and out of dialogs. A 2xx to an INVITE that is never
+acknowledged (Timer L, 64*T1) is reported to `on_ack_timeout`: the session is to be ended
+with a BYE (§13.3.1.4).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from enum import Enum
+from typing import Any
 
 from nodes.sip.checks import SipError
 from nodes.sip.endpoint import SipEndpoint, new_tag
@@ -79,6 +83,8 @@ class Dialog:
             raise ValueError("dialog needs From and To tags")
         if contacts == STAR or len(contacts) != 1:
             raise ValueError("a dialog-creating response needs exactly one Contact")
+        if not isinstance(contacts[0].uri, SipUri):
+            raise ValueError("a dialog-creating response needs a SIP URI as its Contact")
         routes = list(reversed(response.record_routes))
         dlg = cls(request.call_id, frm.tag, to.tag, _strip_tag(frm), _strip_tag(to),
                   contacts[0].uri, routes, cseq.number, None)
@@ -97,6 +103,8 @@ class Dialog:
             raise ValueError("dialog needs a From tag")
         if contacts == STAR or len(contacts) != 1:
             raise ValueError("a dialog-creating request needs exactly one Contact")
+        if not isinstance(contacts[0].uri, SipUri):
+            raise ValueError("a dialog-creating request needs a SIP URI as its Contact")
         return cls(request.call_id, local_tag, frm.tag, _strip_tag(to), _strip_tag(frm),
                    contacts[0].uri, list(request.record_routes),
                    secrets.randbelow(2**20) + 1, cseq.number)
@@ -181,6 +189,8 @@ class UserAgent:
         self.contact = SipUri(host, user, port=port)
         self.on_request = on_request
         self.on_ack: Callable[[Dialog], None] | None = None  # ACK of our 2xx: UAS confirmed
+        # Our 2xx to an INVITE was never acknowledged (§13.3.1.4: end the session, BYE).
+        self.on_ack_timeout: Callable[[Dialog], Any] | None = None
         self.dialogs: dict[tuple[str, str, str], Dialog] = {}
         endpoint.handler = self._handle
         endpoint.ack_handler = self._on_ack
@@ -280,13 +290,38 @@ class UserAgent:
             extra = [*(("Record-Route", v) for v in req.values("record-route")),
                      ("Contact", f"<{self.contact}>"), *extra]
         tx.reply(status, reason, headers=extra, body=body, content_type=content_type)
+        if dlg is not None:
+            self._watch_ack(tx, dlg)
         return dlg
+
+    def _watch_ack(self, tx: ServerTransaction, dlg: Dialog) -> None:
+        """Until the INVITE server transaction ends (Timer L): was our 2xx acknowledged?
+        The watch ends with the endpoint that owns the transaction."""
+        tx.owner.spawn(self._await_ack(tx, dlg))
+
+    async def _await_ack(self, tx: ServerTransaction, dlg: Dialog) -> None:
+        await tx.terminated.wait()
+        if tx.acked.is_set() or dlg.state is DialogState.TERMINATED:
+            return
+        log.info("dialog %s: our 2xx was never acknowledged; ending the session",
+                 dlg.call_id)
+        if self.on_ack_timeout is not None:
+            result = self.on_ack_timeout(dlg)
+            if asyncio.iscoroutine(result):
+                await result
 
     async def _handle(self, tx: ServerTransaction) -> None:
         req = tx.request
         to, frm = req.to, req.from_
         assert to is not None and frm is not None and req.call_id is not None
         if to.tag is None:
+            if req.method == "INVITE":
+                try:  # no dialog could be made from it: say so before the app sees it
+                    Dialog.as_uas(req, tx.local_tag or new_tag())
+                except ValueError as exc:
+                    why = str(exc)
+                    tx.reply(400, why[:1].upper() + why[1:])
+                    return
             if self.on_request is not None:
                 await self.on_request(tx, None)
             elif req.method == "INVITE":
@@ -315,6 +350,9 @@ class UserAgent:
             contact = [("Contact", f"<{self.contact}>")] if req.method in (
                 "INVITE", "UPDATE") else []
             tx.reply(200, headers=contact)
+        last = tx.last_response
+        if req.method == "INVITE" and last is not None and 200 <= last.status < 300:
+            self._watch_ack(tx, dlg)  # a re-INVITE's 2xx needs its ACK too
 
     def _on_ack(self, req: Request, addr: Addr) -> None:
         to, frm = req.to, req.from_

@@ -2,6 +2,9 @@
 transactions (RFC 3261 §17.1.3/§17.2.3, RFC 2543 fallback), answers malformed or
 unsupported requests, stamps received/rport (RFC 3581) and hands new requests to an
 async handler. UAs, a registrar and a stateful proxy are built on it.
+
+An endpoint may take requests only from some sources (`request_filter`): a terminal's
+port 5060 in ipsec-m2ms mode takes none at all, its protected ports only the proxy's.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[ServerTransaction], Awaitable[None] | None]
 AckHandler = Callable[[Request, Addr], Any]
 StrayHandler = Callable[[Response, Addr], Any]
+# Told about each request a request filter dropped: its method (None: it did not parse).
+DropHandler = Callable[[str | None, Addr], Any]
 
 
 class _RandomOctets:
@@ -116,6 +121,12 @@ class SipEndpoint:
         # Consulted for each new request (not ACK) before anything is answered: False drops
         # it silently, retransmissions included (a proxy's rule for unknown sources).
         self.admit: Callable[[Request, Addr], bool] | None = None
+        # Consulted with the source of every request (ACK included) and of every datagram
+        # that does not parse, before anything else: False drops it without a word and
+        # tells `on_filtered` (a UA's rule: requests only from where they may come).
+        # Responses are not filtered: they only ever match our own client transactions.
+        self.request_filter: Callable[[Addr], bool] | None = None
+        self.on_filtered: DropHandler | None = None
         self._clients: dict[tuple, ClientTransaction] = {}
         self._servers: dict[tuple, ServerTransaction] = {}
         self._accepted_invites: dict[tuple, ServerTransaction] = {}
@@ -196,6 +207,8 @@ class SipEndpoint:
         try:
             msg = parse_message(data)
         except SipParseError as e:
+            if not self._request_allowed(None, addr):
+                return
             resp = error_response(e)
             log.info("%s: unparseable message from %s:%d: %s", self.name, *addr, e)
             if resp is not None:
@@ -218,18 +231,34 @@ class SipEndpoint:
         except (OSError, ValueError) as e:
             log.warning("%s: send to %s:%d failed: %s", self.name, *addr, e)
 
+    def _request_allowed(self, method: str | None, addr: Addr) -> bool:
+        if self.request_filter is None or self.request_filter(addr):
+            return True
+        if self.on_filtered is not None:
+            self.on_filtered(method, addr)
+        return False
+
     def _stamp_via(self, req: Request, addr: Addr) -> Via:
+        """§18.2.1 and RFC 3581: `received` and `rport` say where the request really came
+        from. Only this server writes them: values a client put there itself are replaced
+        (or, for a `received` equal to a sent-by that is the source, dropped)."""
         via = req.vias[0]
         new = via
         if via.sent_by[0] != addr[0]:
-            new = new.with_param("received", addr[0])
-        if "rport" in via.params and via.params.get("rport") is None:
+            if via.received != addr[0]:
+                new = new.with_param("received", addr[0])
+        elif "received" in via.params:
+            new = new.with_param("received", None)
+            new.params.remove("received")
+        if "rport" in via.params and via.params.get("rport") != str(addr[1]):
             new = new.with_param("rport", str(addr[1]))
         if new is not via:
             req.replace_top("via", new)
         return new
 
     def _on_request(self, req: Request, addr: Addr) -> None:
+        if not self._request_allowed(req.method, addr):
+            return
         try:
             vias = req.vias
         except ValueError:
@@ -336,10 +365,13 @@ class SipEndpoint:
         if not tx.final_sent:
             tx.reply(500)
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Runs `coro` as a task that ends (cancelled, if need be) with this endpoint."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    _spawn = spawn
 
     def _on_response(self, resp: Response, addr: Addr) -> None:
         if not check_response(resp, self.policy.role):

@@ -223,3 +223,77 @@ def test_esp_sa_file_has_no_keys_in_logs(lab: Lab) -> None:
         text = log.read_text(errors="replace")
         leaked = [k for k in keys if k.removeprefix("0x") in text]
         assert not leaked, f"{log.name} contains SA keys"
+
+
+# -- a registered terminal's port 5060 (Fig 1 starts there, and nothing else does) ------------
+# Run on host b2 (no SAs there): hand-made plaintext requests straight at a terminal, each sent
+# three times like a UA's retransmissions; prints what came back to each, as JSON.
+_PLAINTEXT_AT_TERMINAL = r'''
+import base64, json, os, random, socket, sys, time
+src, dst, cid = sys.argv[1], sys.argv[2], sys.argv[3]
+key = (base64.b64encode(os.urandom(16)).decode()
+       + f";spi={random.randint(4096, 2**31)};ealg=aes-cbc;alg=hmac-sha-256-128")
+sdp = (f"v=0\r\no=- 1 1 IN IP4 {src}\r\ns=x\r\nc=IN IP4 {src}\r\nt=0 0\r\n"
+       f"m=audio 40000 RTP/AVP 0\r\na=m2m-key:{key}\r\n")
+bodies = {"INVITE": ("sip:a1@m2m.example", "application/sdp", sdp),
+          "MESSAGE": ("sip:sms@m2m.example", "application/smig+json",
+                      json.dumps({"type": "end", "session": cid}))}
+out = {}
+for method, (frm, ctype, body) in bodies.items():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    port = s.getsockname()[1]
+    tag = random.getrandbits(32)
+    msg = (f"{method} sip:b1@{dst} SIP/2.0\r\n"
+           f"Via: SIP/2.0/UDP {src}:{port};branch=z9hG4bK{tag:x};rport\r\n"
+           f"Max-Forwards: 70\r\nFrom: <{frm}>;tag=p{tag}\r\nTo: <sip:b1@m2m.example>\r\n"
+           f"Call-ID: plain{tag}@b2\r\nCSeq: 1 {method}\r\n"
+           f"Contact: <sip:a1@{src}:{port}>\r\nContent-Type: {ctype}\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    got, end = [], time.time() + 1.5
+    for _ in range(3):
+        s.sendto(msg, (dst, 5060))
+        s.settimeout(0.2)
+        try:
+            got.append(s.recv(65535).split(b"\r\n")[0].decode())
+        except socket.timeout:
+            pass
+    while time.time() < end:
+        try:
+            got.append(s.recv(65535).split(b"\r\n")[0].decode())
+        except socket.timeout:
+            pass
+    out[method] = got
+print(json.dumps(out))
+'''
+
+
+def test_plaintext_at_a_registered_terminal_gets_no_answer(lab: Lab, registered: None
+                                                           ) -> None:
+    """From a host with no SAs, a plaintext INVITE claiming to be a1 (it used to get 200 and
+    a call keyed with the attacker's nonce) and a SMIG `end` for b1's live call claiming to
+    be the SMS (it ended the call) go to b1's port 5060: no answer, nothing changes."""
+    a1, b1 = node(lab, "a1"), node(lab, "b1")
+    cid = a1("call", to="b1")["call_id"]
+    try:
+        wait_until(lambda: cid in b1("status")["calls"], 10, "b1's dialog")
+        before = b1("status")
+        assert lab.run_dir is not None
+        script = lab.run_dir / "plaintext_at_terminal.py"
+        script.write_text(_PLAINTEXT_AT_TERMINAL)
+        out = lab.host("b2").cmd(f"{python()} {script} {address('b2', 'netb')} {B1} {cid}")
+        assert json.loads(out.strip().splitlines()[-1]) == {"INVITE": [], "MESSAGE": []}
+        after = b1("status")
+        assert list(after["calls"]) == [cid]
+        media_before, media_after = before["calls"][cid]["media"], after["calls"][cid]["media"]
+        for field in ("local", "remote", "spi_in", "spi_out"):
+            assert media_after[field] == media_before[field]
+        assert media_after["tx"] is not None  # b1 still sends on the call
+        assert len(after["ipsec"]["sas"]) == 6  # registration and this call's media SAs
+        counters = after["counters"]
+        assert counters["dropped-unprotected"] >= \
+            before["counters"].get("dropped-unprotected", 0) + 6  # 2 requests, 3 times
+        assert counters.get("rx-INVITE") == before["counters"].get("rx-INVITE")
+        assert counters.get("rx-MESSAGE") == before["counters"].get("rx-MESSAGE")
+    finally:
+        assert a1("hangup", call_id=cid)["status"] == 200

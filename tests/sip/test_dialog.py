@@ -78,6 +78,9 @@ def test_dialog_needs_tags_and_one_contact() -> None:
     resp.remove("contact")
     with pytest.raises(ValueError, match="exactly one Contact"):
         Dialog.as_uac(req, resp)
+    req, resp = invite_and_ok([], contact="<tel:+1234>")  # no in-dialog request could go
+    with pytest.raises(ValueError, match="a SIP URI as its Contact"):
+        Dialog.as_uac(req, resp)
     assert uri_address(SipUri.parse("sip:x@10.0.0.5:5070;maddr=10.0.0.6")) == ("10.0.0.6", 5070)
 
 
@@ -236,4 +239,150 @@ def test_cancel_and_message_outside_dialog() -> None:
         assert resp.status == 200 and got == [b'{"type": "rekey"}']
         await ua_a.endpoint.close()
         await ua_b.endpoint.close()
+    asyncio.run(main())
+
+
+# -- received/rport (RFC 3261 §18.2.1, RFC 3581), request filters, unacknowledged 2xx ----------
+X = ("10.0.9.9", 40001)  # a client somewhere
+FAST = TimerConfig.lab(0.01)  # Timer L: 0.64 s
+
+
+def _raw(method: str, via: str, extra: str = "", branch: str = "z9hG4bKraw1") -> bytes:
+    return (f"{method} sip:b1@10.0.2.10 SIP/2.0\r\nVia: {via};branch={branch}\r\n"
+            "Max-Forwards: 70\r\nFrom: <sip:a1@m2m.example>;tag=fx\r\n"
+            "To: <sip:b1@m2m.example>\r\nCall-ID: raw@x\r\n"
+            f"CSeq: 1 {method}\r\n{extra}Content-Length: 0\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("via, received, rport, answer_to", [
+    # A client's own received/rport: never trusted; sent-by is the source, so no received.
+    (f"SIP/2.0/UDP {X[0]}:{X[1]};received=127.0.0.77;rport=7777", None, str(X[1]), X),
+    (f"SIP/2.0/UDP {X[0]}:5060;received=127.0.0.77;rport", None, str(X[1]), X),
+    # sent-by elsewhere: received is the real source, whatever the client wrote.
+    ("SIP/2.0/UDP 10.1.1.1:5060;received=127.0.0.77;rport=7777", X[0], str(X[1]), X),
+    ("SIP/2.0/UDP 10.1.1.1:5060;received=127.0.0.77", X[0], None, (X[0], 5060)),
+    (f"SIP/2.0/UDP 10.1.1.1:5060;received={X[0]}", X[0], None, (X[0], 5060)),
+    (f"SIP/2.0/UDP {X[0]}:{X[1]};rport", None, str(X[1]), X),
+    (f"SIP/2.0/UDP {X[0]}:{X[1]}", None, None, X),
+])
+def test_received_and_rport_say_where_the_request_came_from(
+        via: str, received: str | None, rport: str | None, answer_to: tuple[str, int]
+) -> None:
+    """The breaker's case first: sent-by equal to the source with a client-supplied
+    received=127.0.0.77;rport=7777 was kept, and the responses went to 127.0.0.77:7777."""
+    async def main() -> None:
+        net = MemoryNetwork()
+        seen: list[Request] = []
+
+        def handler(tx: ServerTransaction) -> None:
+            seen.append(tx.request)
+            tx.reply(200)
+
+        ep = SipEndpoint(net.transport(B), handler, timers=CFG)
+        net.transport(X).send(_raw("OPTIONS", via), B)
+        await wait_for(lambda: net.sent(B))
+        top = seen[0].vias[0]
+        assert (top.received, top.params.get("rport")) == (received, rport)
+        answer = net.sent(B)[0]
+        assert answer.dst == answer_to
+        assert b"127.0.0.77" not in answer.data and b"7777" not in answer.data
+        await ep.close()
+    asyncio.run(main())
+
+
+def test_request_filter_drops_requests_without_a_word() -> None:
+    """A terminal's port 5060 in ipsec-m2ms mode: requests from anyone are dropped, before
+    any answer (no 100, no 400 for a malformed one, no ACK handling); responses to its own
+    requests still arrive."""
+    async def main() -> None:
+        net = MemoryNetwork()
+        handled: list[str] = []
+        ep = SipEndpoint(net.transport(B), lambda tx: handled.append(tx.request.method),
+                         timers=CFG)
+        ep.ack_handler = lambda req, _src: handled.append("ACK")
+        dropped: list[tuple[str | None, tuple[str, int]]] = []
+        ep.request_filter = lambda source: source == A
+        ep.on_filtered = lambda method, source: dropped.append((method, source))
+        client = net.transport(X)
+        via = f"SIP/2.0/UDP {X[0]}:{X[1]}"
+        client.send(_raw("INVITE", via), B)
+        client.send(_raw("ACK", via), B)
+        client.send(b"OPTIONS sip:b1 SIP/2.0\r\nVia: " + via.encode() + b"\r\nBroken\r\n\r\n",
+                    B)
+        await asyncio.sleep(0.1)
+        assert net.sent(B) == [] and handled == []
+        assert dropped == [("INVITE", X), ("ACK", X), (None, X)]
+        net.transport(A).send(_raw("OPTIONS", f"SIP/2.0/UDP {A[0]}:{A[1]}"), B)
+        await wait_for(lambda: handled == ["OPTIONS"])
+        # its own requests get their answers from anywhere
+        peer = SipEndpoint(net.transport(X), lambda tx: tx.reply(200), timers=CFG)
+        req = Request("OPTIONS", "sip:x@10.0.9.9", [
+            ("From", "<sip:b1@m2m.example>;tag=fb"), ("To", "<sip:x@m2m.example>"),
+            ("Call-ID", "out@b"), ("CSeq", "1 OPTIONS")])
+        assert (await ep.request(req, X)).status == 200
+        await ep.close()
+        await peer.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ack", [False, True])
+def test_unacknowledged_2xx_is_reported(ack: bool) -> None:
+    """§13.3.1.4: after Timer L without an ACK the UA core says so (the terminal then ends
+    the session with a BYE); an acknowledged 2xx is left alone."""
+    async def main() -> None:
+        net = MemoryNetwork()
+        if not ack:
+            net.rules.append(lambda p: p.data.startswith(b"ACK"))
+        timed_out: list[Dialog] = []
+
+        async def b_app(tx: ServerTransaction, dlg: Dialog | None) -> None:
+            if dlg is None:
+                ua_b.answer(tx, 200)  # (a re-INVITE gets the UA core's 200)
+
+        ua_a = UserAgent(SipEndpoint(net.transport(A), timers=FAST), "sip:a1@m2m.example")
+        ua_b = UserAgent(SipEndpoint(net.transport(B), timers=FAST), "sip:b1@m2m.example",
+                         on_request=b_app)
+        ua_b.on_ack_timeout = timed_out.append
+        _, dlg = await ua_a.invite("sip:b1@10.0.2.10", B)
+        assert dlg is not None
+        await asyncio.sleep(FAST.l + 0.3)
+        if ack:
+            assert timed_out == []
+        else:
+            assert [d.call_id for d in timed_out] == [dlg.call_id]
+        # a re-INVITE's 2xx is watched the same way
+        resp = await ua_a.request(dlg, "INVITE")
+        assert resp.status == 200
+        await asyncio.sleep(FAST.l + 0.3)
+        assert len(timed_out) == (0 if ack else 2)
+        await ua_a.endpoint.close()
+        await ua_b.endpoint.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("contact, reason", [
+    ("", "A dialog-creating request needs exactly one Contact"),
+    ("Contact: <sip:a@10.0.9.9>\r\nContact: <sip:b@10.0.9.9>\r\n",
+     "A dialog-creating request needs exactly one Contact"),
+    ("Contact: *\r\n", "A dialog-creating request needs exactly one Contact"),
+    ("Contact: <tel:+123>\r\n", "A dialog-creating request needs a SIP URI as its Contact"),
+])
+def test_invite_no_dialog_can_come_from_is_400(contact: str, reason: str) -> None:
+    """The app never sees it: a terminal used to set up the media (and SAs) first, then
+    fail with a traceback and a 500, and keep the media."""
+    async def main() -> None:
+        net = MemoryNetwork()
+        seen: list[str] = []
+
+        async def app(tx: ServerTransaction, dlg: Dialog | None) -> None:
+            seen.append(tx.request.method)
+
+        ua = UserAgent(SipEndpoint(net.transport(B), timers=CFG), "sip:b1@m2m.example",
+                       on_request=app)
+        net.transport(X).send(_raw("INVITE", f"SIP/2.0/UDP {X[0]}:{X[1]}", contact), B)
+        await wait_for(lambda: net.sent(B, b"SIP/2.0 400"))
+        assert net.sent(B, b"SIP/2.0 400")[0].data.startswith(f"SIP/2.0 400 {reason}\r\n"
+                                                             .encode())
+        assert seen == [] and ua.dialogs == {}
+        await ua.endpoint.close()
     asyncio.run(main())
