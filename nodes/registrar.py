@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodes.sip.checks import is_ip_address
 from nodes.sip.headers import STAR, NameAddr
 from nodes.sip.message import Request
 from nodes.sip.uri import SipUri
@@ -145,6 +146,9 @@ class Registrar:
         # Validate everything before changing anything.
         plan: list[tuple[NameAddr, int]] = []
         for contact in contacts:
+            why = _unusable_contact(contact)
+            if why is not None:
+                return RegisterOutcome(400, why)
             raw = contact.params.get("expires")
             expires = int(raw) if raw is not None else header_expires
             if expires is None:
@@ -182,6 +186,17 @@ class Registrar:
             gone += [b for b in self._bindings[aor] if b.source == source]
             self._store(aor, keep)
         return gone
+
+
+def _unusable_contact(contact: NameAddr) -> str | None:
+    """Why the proxy could not send to this Contact, or None. The lab is IP-only: a host
+    name would need a resolver, and a blocking one on the proxy's event loop."""
+    uri = contact.uri
+    if not isinstance(uri, SipUri):
+        return f"Contact {uri} is not a SIP URI"
+    if not is_ip_address(uri.host):
+        return f"Contact host {uri.host!r} is not an IP address"
+    return None
 
 
 def _same_contact(a: NameAddr, b: NameAddr) -> bool:

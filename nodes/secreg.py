@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nodes.events import EventLog
+from nodes.ipsec.api import IPsecError
 from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import Credentials, LabConfig
 from nodes.mediakeys import new_spi
@@ -45,6 +47,7 @@ from nodes.sip.secagree import (
 )
 from nodes.sip.transaction import ServerTransaction, TransactionTimeout
 from nodes.sip.transport import Addr, UdpTransport
+from nodes.sip.uri import SipUri
 
 log = logging.getLogger("secreg")
 
@@ -52,6 +55,13 @@ SEC_AGREE = "sec-agree"
 SERVER_PORT_S = 5064  # the proxy's protected server port (receives terminals' requests)
 SERVER_PORT_C = 5066  # the proxy's protected client port (sends requests to terminals)
 LINGER = 0.5  # seconds SAs outlive the last answer sent through them
+# Every challenge installs four SAs before the client has proved anything, so how many may
+# wait for their protected REGISTER is bounded: per client address (a new attempt replaces
+# the oldest; a terminal has one in flight per interface) and in all (beyond that: 503).
+# Unbounded, one host's flood of REGISTERs made the SA tables, and every SPD change with
+# them, slow for everyone.
+MAX_PENDING_PER_IP = 4
+MAX_PENDING = 32
 
 
 class RegistrationError(Exception):
@@ -102,10 +112,24 @@ class SecRegServer:
         self._lingering: dict[int, tuple[asyncio.TimerHandle, SaSet]] = {}
 
     def _spis_in_use(self) -> set[int]:
-        spis: set[int] = set()
-        for entry in [*self.pending.values(), *self.assocs.values()]:
-            spis |= {entry.agreed.server.spi_c, entry.agreed.server.spi_s}
-        return spis
+        """SPIs of our inbound SAs, lingering ones included (a new pair must differ)."""
+        return {spi for dst, spi in self._installed() if dst == self.server_ip}
+
+    def _installed(self, skip: Iterable[Pending] = ()) -> set[tuple[str, int]]:
+        """(dst, spi) of every SA this server has installed, but those of `skip`."""
+        skipped = {id(p.saset) for p in skip}
+        sasets = [e.saset for e in [*self.pending.values(), *self.assocs.values()]
+                  if id(e.saset) not in skipped]
+        sasets += [saset for _, saset in self._lingering.values()]
+        return {(sa.dst, sa.spi) for saset in sasets for sa in saset.sas}
+
+    def _displaced(self, key: Addr) -> list[Pending]:
+        """The pending attempts a new challenge for `key` replaces: one from the same
+        (ip, port-c), and the oldest from the same ip beyond MAX_PENDING_PER_IP."""
+        same_key = self.pending.get(key)
+        same_ip = [p for k, p in self.pending.items() if k[0] == key[0] and k != key]
+        excess = len(same_ip) - (MAX_PENDING_PER_IP - 1)
+        return ([same_key] if same_key else []) + same_ip[:max(0, excess)]
 
     def challenge(self, tx: ServerTransaction) -> None:
         """Fig 1 steps 1-2: REGISTER with Security-Client → pending SAs + 401."""
@@ -141,14 +165,32 @@ class SecRegServer:
         except (SecAgreeError, ValueError) as exc:
             self._refuse(tx, 400, f"Unusable Security-Client ({exc})")
             return
+        key = (client_ip, agreed.client.port_c)
+        displaced = self._displaced(key)
+        if len(self.pending) - len(displaced) >= MAX_PENDING:
+            retry = math.ceil(self.pending_timeout)
+            self._refuse(tx, 503, "Too many registrations in progress",
+                         headers=[("Retry-After", str(retry))])
+            return
         challenge = digest.DigestChallenge.new(self.realm)
         keys = derive_registration_keys(psk, challenge.nonce_bytes, agreed)
         saset = registration_sas(agreed, keys, Side.SERVER)
-        key = (client_ip, agreed.client.port_c)
-        old = self.pending.pop(key, None)
-        if old is not None:
-            self._drop_pending(old)
-        _install(self.ipsec, saset)
+        installed = self._installed(skip=displaced)
+        clash = [sa.spi for sa in saset.sas if (sa.dst, sa.spi) in installed]
+        if clash:  # the client's SPIs name SAs of another of its registrations
+            self._refuse(tx, 400, "Security-Client SPIs already in use",
+                         detail=f"SPIs {clash} toward {client_ip} belong to another "
+                         "registration (a new attempt needs fresh SPIs)")
+            return
+        for old in displaced:
+            self._forget_pending(old)
+        try:
+            _install(self.ipsec, saset)  # all or nothing
+        except IPsecError as exc:
+            log.error("cannot install the SAs for %s from %s: %s", term.name, client_ip, exc)
+            self._refuse(tx, 500, "Cannot install the security associations",
+                         detail=str(exc))
+            return
         pend = Pending(term.name, agreed, saset, [mech], challenge)
         pend.timer = asyncio.get_running_loop().call_later(self.pending_timeout,
                                                            self._expire, key)
@@ -168,6 +210,13 @@ class SecRegServer:
         pend = self.pending.pop(key)
         if pend.timer is not None:
             pend.timer.cancel()
+        try:
+            return self._check_protected(tx, pend)
+        except Exception:  # a bug, not the client's input: its SAs must not stay behind
+            log.exception("verifying the protected REGISTER from %s:%d failed", *key)
+            return self._fail(tx, pend, 500, "Server Internal Error", "verification failed")
+
+    def _check_protected(self, tx: ServerTransaction, pend: Pending) -> Pending | None:
         req = tx.request
         try:
             verify_header_values(req.values("security-verify"), pend.sent)
@@ -181,8 +230,13 @@ class SecRegServer:
         assert psk is not None
         why = digest.check(creds, pend.challenge, password=digest.password_from_psk(psk),
                            method="REGISTER")
-        if why is None and creds.username != self.config.aor(pend.terminal):
+        aor = self.config.aor(pend.terminal)
+        if why is None and creds.username != aor:
             why = f"username {creds.username!r} is not the registering AOR"
+        to = req.to
+        if why is None and (to is None or not isinstance(to.uri, SipUri) or
+                            to.uri.aor() != aor):  # the channel would bind someone else
+            why = f"To {to.uri if to else None} is not the authenticated terminal {aor}"
         if why is not None:
             return self._fail(tx, pend, 403, "Forbidden", why)
         return pend
@@ -253,6 +307,16 @@ class SecRegServer:
             pend.timer.cancel()
         _remove(self.ipsec, pend.saset)
 
+    def _forget_pending(self, pend: Pending) -> None:
+        """A pending attempt replaced by a newer one: its SAs go at once (no answer of ours
+        travels on them)."""
+        key = (pend.agreed.client.ip, pend.agreed.client.port_c)
+        if self.pending.get(key) is pend:
+            del self.pending[key]
+        self._drop_pending(pend)
+        self.events.emit("fig1-replaced", terminal=pend.terminal,
+                         client=f"{key[0]}:{key[1]}", why="a newer attempt from this address")
+
     def _fail(self, tx: ServerTransaction, pend: Pending, status: int, reason: str,
               detail: str) -> None:
         self._refuse(tx, status, reason, detail=detail, terminal=pend.terminal)
@@ -263,11 +327,14 @@ class SecRegServer:
 
     def _refuse(self, tx: ServerTransaction, status: int, reason: str, *,
                 require: bool = False, detail: str | None = None,
-                terminal: str | None = None) -> None:
+                terminal: str | None = None, headers: list[tuple[str, str]] | None = None
+                ) -> None:
         self.events.emit("register-refused", status=status, reason=reason, detail=detail,
                          terminal=terminal, source=list(tx.source))
-        headers = [("Require", SEC_AGREE)] if require else []
-        tx.reply(status, reason, headers=headers)
+        log.info("REGISTER from %s:%d refused: %d %s%s", *tx.source, status, reason,
+                 f" ({detail})" if detail else "")
+        extra = [("Require", SEC_AGREE)] if require else []
+        tx.reply(status, reason, headers=[*extra, *(headers or [])])
 
 
 # ---------------------------------------------------------------------------- terminal side

@@ -7,6 +7,8 @@ returns just the status (or None when the request may be processed).
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
@@ -128,6 +130,19 @@ def check_request(req: Request, policy: Policy | None = None) -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # bounded: hosts come from the network
+def is_ip_address(host: str) -> bool:
+    """Whether a URI or Via host is an IP literal (an IPv6 one in brackets). The lab has no
+    DNS, and a name would have to be resolved by a blocking call on the event loop."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 _BROADCAST_PREFIXES = ("255.255.255.255",)
 
 
@@ -157,4 +172,4 @@ def check_response(resp: Response, role: Role = "uas") -> bool:
 
 
 __all__ = ["DEFAULT_METHODS", "Policy", "Role", "SipError", "check_request",
-           "check_response", "validate_request"]
+           "check_response", "is_ip_address", "validate_request"]

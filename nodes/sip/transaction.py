@@ -116,7 +116,15 @@ class Transaction:
             # Each Timer holds a bound method of this transaction: dropping them breaks the
             # cycle, so a finished transaction is freed at once, not by a full GC pass.
             self.timers.clear()
-            self.owner._forget(self)
+            try:
+                self.owner._forget(self)
+            except ValueError as exc:
+                # The owner reads the request's headers to un-index it; a request refused
+                # for a malformed one (a CSeq or Call-ID answered with 400) fails there.
+                # Its 400 is out and the transaction is no longer matched: nothing to log
+                # but a line.
+                log.debug("%s %s: ended with a malformed request (%s)", self.kind,
+                          self.key[0], exc)
             if self._terminated is not None:
                 self._terminated.set()
 
@@ -263,6 +271,24 @@ class ClientTransaction(Transaction):
 
 
 # ---------------------------------------------------------------- server side
+def _back_to_source(request: Request, source: Addr, response_addr: Addr) -> Addr:
+    """Where responses to a request may go: to the host it came from (§18.2.2 over UDP: the
+    `received` address, which is the source), and with `rport` (RFC 3581) to the port it
+    came from too. A `received` or `rport` value the sender wrote into its own Via would
+    otherwise aim our responses at a third party (a reflection attack)."""
+    host, port = response_addr
+    if host == source[0] and port == source[1]:
+        return response_addr  # the common case: nothing to check
+    if port != source[1]:
+        try:
+            asked_rport = "rport" in request.vias[0].params
+        except (ValueError, IndexError):
+            asked_rport = False
+        if asked_rport:
+            port = source[1]
+    return source[0], port
+
+
 class ServerTransaction(Transaction):
     """One received request; the TU answers with respond()."""
 
@@ -274,7 +300,7 @@ class ServerTransaction(Transaction):
         self.kind = "server-INVITE" if invite else f"server-{request.method}"
         self.invite = invite
         self.source = addr
-        self.response_addr = response_addr
+        self.response_addr = _back_to_source(request, addr, response_addr)
         self.last_response: Response | None = None
         self._cancelled: asyncio.Event | None = None
         self._acked: asyncio.Event | None = None

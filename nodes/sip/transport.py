@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 Addr = tuple[str, int]
 Receiver = Callable[[bytes, Addr], None]
+# Looks at a datagram before anything parses it: False drops it (a proxy's first line of
+# defence against sources it does not know; see UdpTransport.gate).
+Gate = Callable[[bytes, Addr], bool]
 MAX_DATAGRAM = 65535
 # Receive buffer asked for (the kernel doubles it and caps it at net.core.rmem_max): the
 # 208 KiB default holds under a hundred SIP datagrams, and a burst longer than that (a
@@ -44,6 +47,10 @@ class UdpTransport:
         self.local_addr: Addr = (name[0], name[1])
         self.reliable = False
         self.send_errors = 0
+        # Consulted for every datagram before the receiver: a node that must not answer
+        # strangers (the proxy) drops their datagrams here, before the SIP layer could
+        # parse them and answer a malformed one itself.
+        self.gate: Gate | None = None
 
     @classmethod
     async def create(cls, host: str = "127.0.0.1", port: int = 0) -> UdpTransport:
@@ -74,8 +81,10 @@ class UdpTransport:
             except OSError as exc:  # an ICMP error reported on the socket
                 log.debug("UDP error on %s: %s", self.local_addr, exc)
                 continue
-            if self._receiver is not None:
-                self._receiver(data, (addr[0], addr[1]))
+            source = (addr[0], addr[1])
+            gate = self.gate
+            if self._receiver is not None and (gate is None or gate(data, source)):
+                self._receiver(data, source)
 
     def set_receiver(self, receiver: Receiver) -> None:
         self._receiver = receiver

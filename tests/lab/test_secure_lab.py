@@ -297,3 +297,117 @@ def test_plaintext_at_a_registered_terminal_gets_no_answer(lab: Lab, registered:
         assert counters.get("rx-MESSAGE") == before["counters"].get("rx-MESSAGE")
     finally:
         assert a1("hangup", call_id=cid)["status"] == 200
+
+
+# -- a client that does not play along (the proxy's admission and policy) --------------------
+FLOOD = """
+import socket, sys
+ip, proxy, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((ip, 0)); s.settimeout(0.005)
+for i in range(n):
+    sc = (f"ipsec-m2ms;alg=hmac-sha-256-128;ealg=aes-cbc;prot=esp;mod=trans;"
+          f"spi-c={10000 + 2 * i};spi-s={10001 + 2 * i};port-c={20000 + i};port-s={30000 + i}")
+    m = (f"REGISTER sip:m2m.example SIP/2.0\\r\\nVia: SIP/2.0/UDP {ip}:{s.getsockname()[1]};"
+         f"branch=z9hG4bKflood{i}\\r\\nMax-Forwards: 70\\r\\nFrom: <sip:b2@m2m.example>;tag={i}"
+         f"\\r\\nTo: <sip:b2@m2m.example>\\r\\nCall-ID: flood{i}@x\\r\\nCSeq: 1 REGISTER\\r\\n"
+         f"Contact: <sip:b2@{ip}:{20000 + i}>\\r\\nSecurity-Client: {sc}\\r\\n"
+         "Require: sec-agree\\r\\nProxy-Require: sec-agree\\r\\nContent-Length: 0\\r\\n\\r\\n")
+    s.sendto(m.encode(), (proxy, 5060))
+    try:
+        while True:
+            s.recvfrom(65535)
+    except OSError:
+        pass
+"""
+
+FORGE = """
+import socket, sys
+ip, proxy, a1, port_c = sys.argv[1:5]
+m = ("SIP/2.0 200 OK\\r\\nVia: SIP/2.0/UDP " + proxy + ":5060;branch=z9hG4bKforged\\r\\n"
+     "Via: SIP/2.0/UDP " + a1 + ":" + port_c + ";branch=z9hG4bKinjected\\r\\n"
+     "From: <sip:b1@m2m.example>;tag=1\\r\\nTo: <sip:a1@m2m.example>;tag=2\\r\\n"
+     "Call-ID: forged@x\\r\\nCSeq: 1 MESSAGE\\r\\nContent-Length: 0\\r\\n\\r\\n")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((ip, 0))
+s.sendto(m.encode(), (proxy, 5060))
+"""
+
+
+def _script(lab: Lab, host: str, name: str, text: str, *args: object) -> str:
+    assert lab.run_dir is not None
+    path = lab.run_dir / name
+    path.write_text(text)
+    return lab.host(host).cmd(f"{python()} {path} " + " ".join(str(a) for a in args))
+
+
+def test_non_friend_cannot_call_a_registered_contact(lab: Lab, registered: None) -> None:
+    """carol's a2 used b1's registered contact as the target: the policy covers it."""
+    a2 = node(lab, "a2")
+    assert a2("register")["status"] == 200
+    try:
+        contact = node(lab, "proxy")("status")["registrations"]["sip:b1@m2m.example"][0]
+        assert a2("call", to=contact["contact"])["status"] == 403
+        assert a2("message", to=contact["contact"], text="hi")["status"] == 403
+        assert len(node(lab, "b1")("status")["ipsec"]["sas"]) == 4  # no media SA
+    finally:
+        a2("unregister")
+
+
+def test_forged_response_from_a_stranger_is_dropped(lab: Lab, registered: None) -> None:
+    """A plaintext 200 to port 5060 from a host with no registration, its second Via naming
+    a1's protected port-c: dropped unread, nothing goes into a1's channel."""
+    proxy, a1 = node(lab, "proxy"), node(lab, "a1")
+    port_c = next(k for k, v in proxy("status")["channels"].items()
+                  if v == "a1" and k.startswith(A1)).split(":")[1]
+    before = proxy("status")["counters"]
+    a1_in = a1("status")["ipsec"]["counters"]["packets_in"]
+    _script(lab, "b2", "forge.py", FORGE, address("b2", "netb"), PROXY, A1, port_c)
+    wait_until(lambda: proxy("status")["counters"].get("dropped-response", 0) ==
+               before.get("dropped-response", 0) + 1, 10, "the proxy to drop the response")
+    time.sleep(0.3)
+    after = proxy("status")["counters"]
+    assert after.get("fwd-2xx-retransmission", 0) == before.get("fwd-2xx-retransmission", 0)
+    assert a1("status")["ipsec"]["counters"]["packets_in"] == a1_in
+
+
+def test_nested_link_switch_body_is_400_and_leaves_no_sa(lab: Lab, registered: None) -> None:
+    proxy, a1 = node(lab, "proxy"), node(lab, "a1")
+    lte = address("a1", "lte")
+    with pytest.raises(NodeError, match="registration refused: 400"):
+        a1("register", via="a1-lte", body="[" * 3000 + "]" * 3000)
+    wait_until(lambda: sas_between(proxy("status"), lte) == [] and
+               proxy("status")["pending"] == 0, 10, "the proxy to drop the pending SAs")
+    assert all(sa["dst"] != lte and sa["src"] != lte for sa in a1("status")["ipsec"]["sas"])
+
+
+def test_register_flood_from_one_host_is_bounded(lab: Lab, registered: None) -> None:
+    """400 Security-Client REGISTERs from b2: a few pending associations at most, all along
+    (a new one replaces the oldest), so a terminal's registration and the status stay fast
+    while the flood lasts."""
+    proxy = node(lab, "proxy")
+    b2 = address("b2", "netb")
+    start = proxy("status")
+    before, channel_sas = start["counters"].get("rx-REGISTER", 0), len(sas_between(start, b2))
+    assert lab.run_dir is not None
+    script = lab.run_dir / "flood.py"
+    script.write_text(FLOOD)
+    lab.host("b2").cmd(f"{python()} {script} {b2} {PROXY} 400 >/dev/null 2>&1 &")
+    most_pending, most_sas, slowest, a1_took = 0, 0, 0.0, None
+    deadline = time.monotonic() + 60
+    while True:
+        t0 = time.monotonic()
+        status = proxy("status")
+        slowest = max(slowest, time.monotonic() - t0)
+        most_pending = max(most_pending, status["pending"])
+        most_sas = max(most_sas, len(sas_between(status, b2)) - channel_sas)
+        if a1_took is None:  # once, while the flood runs
+            t0 = time.monotonic()
+            assert node(lab, "a1")("register")["status"] == 200  # a fresh channel for a1
+            a1_took = time.monotonic() - t0
+        if status["counters"].get("rx-REGISTER", 0) >= before + 400 + 2:
+            break
+        assert time.monotonic() < deadline, "the flood took over a minute"
+        time.sleep(0.1)
+    assert most_pending <= 4 and most_sas <= 16, (most_pending, most_sas)
+    assert slowest < 1.0 and a1_took < 3.0, (slowest, a1_took)
+    wait_until(lambda: len(sas_between(proxy("status"), b2)) == channel_sas, 20,
+               "b2's pending SAs to go")

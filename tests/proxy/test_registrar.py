@@ -81,6 +81,10 @@ def test_unregister_one_and_star(reg: Registrar) -> None:
         (["*", "<sip:a1@10.0.1.10>"], 0, 400, "invalid URI '*'"),
         (["<sip:a1@10.0.1.10>"], MAX_EXPIRES + 1, 400, "out of range"),
         (["<sip:a1@10.0.1.10>;expires=99999999"], None, 400, "out of range"),
+        # IP hosts only: a name would need a (blocking) resolver in the proxy's event loop
+        (["<sip:a1@10.0.1.10>", "<sip:a1@evil.example:5060>"], 60, 400,
+         "Contact host 'evil.example' is not an IP address"),
+        (["<tel:+4912345>"], 60, 400, "is not a SIP URI"),
     ],
 )
 def test_refusals_change_nothing(reg: Registrar, contacts: list[str], expires: int | None,
