@@ -36,7 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from nodes import smig
-from nodes.cli import node_arguments, start_logging
+from nodes.cli import (
+    existing_dir,
+    interface_address,
+    ipv4,
+    local_ipv4,
+    node_arguments,
+    port_number,
+    run_node,
+    start_logging,
+    starting,
+)
 from nodes.control import CommandError, ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -588,6 +598,7 @@ def _warning_of(resp: Response) -> dict[str, str]:
 async def run(args: argparse.Namespace) -> int:
     try:
         config = LabConfig.load(args.config)
+        config.require_terminal(args.name)
         psk = None
         if args.mode == "ipsec-m2ms":
             psk = Credentials.load(args.credentials).psk(args.name)
@@ -612,7 +623,8 @@ async def _serve(args: argparse.Namespace, config: LabConfig, psk: bytes | None,
                     events, timers, Path(args.media_dir) if args.media_dir else None,
                     not args.media_once, mode=args.mode, psk=psk, ipsec=ipsec,
                     interfaces=dict(args.iface))
-    await term.start()
+    with starting(f"listen on {args.local}:{args.port}"):
+        await term.start()
     try:
         return await _run_terminal(args, term)
     finally:  # SIGTERM, or a failure: BYEs (bounded), media, SAs
@@ -668,14 +680,6 @@ async def _run_terminal(args: argparse.Namespace, term: Terminal) -> int:
     return 0
 
 
-def _iface(text: str) -> tuple[str, str]:
-    name, sep, ip = text.partition("=")
-    parts = ip.split(".")
-    if not sep or not name or len(parts) != 4 or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected IFNAME=IPV4, got {text!r}")
-    return name, ip
-
-
 def _media_timeout(text: str) -> float:
     try:
         return check_media_timeout(float(text))
@@ -688,12 +692,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description="smig-lab terminal (SIP UA)")
     node_arguments(parser, credentials=True)
     parser.add_argument("--name", required=True, help="terminal name, e.g. a1")
-    parser.add_argument("--local", required=True, help="local IPv4 address for SIP")
-    parser.add_argument("--port", type=int, default=5060)
-    parser.add_argument("--proxy", required=True, help="proxy IPv4 address")
-    parser.add_argument("--proxy-port", type=int, default=5060)
-    parser.add_argument("--media-dir", help="where received WAVs and media packet logs go")
-    parser.add_argument("--iface", type=_iface, action="append", default=[],
+    parser.add_argument("--local", type=local_ipv4, required=True,
+                        help="local IPv4 address for SIP")
+    parser.add_argument("--port", type=port_number, default=5060)
+    parser.add_argument("--proxy", type=ipv4, required=True, help="proxy IPv4 address")
+    parser.add_argument("--proxy-port", type=port_number, default=5060)
+    parser.add_argument("--media-dir", type=existing_dir,
+                        help="where received WAVs and media packet logs go")
+    parser.add_argument("--iface", type=interface_address, action="append", default=[],
                         help="IFNAME=IPV4 of an interface usable for SIP and media, repeatable")
     parser.add_argument("--auto-switch", default="off",
                         choices=("off", "proposed", "register-then-switch", "reinvite"),
@@ -704,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="play the speech sample once per call instead of looping it")
     args = parser.parse_args(argv)
     start_logging(args)
-    return asyncio.run(run(args))
+    return run_node("terminal", run(args))
 
 
 if __name__ == "__main__":
