@@ -46,7 +46,7 @@ from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import ConfigError, Credentials, LabConfig
 from nodes.labconfig import Terminal as TerminalConfig
 from nodes.registrar import Binding, Registrar
-from nodes.secreg import SEC_AGREE, SERVER_PORT_C, SERVER_PORT_S, SecRegServer
+from nodes.secreg import SEC_AGREE, SERVER_PORT_C, SERVER_PORT_S, Pending, SecRegServer
 from nodes.sip.checks import Policy
 from nodes.sip.endpoint import SipEndpoint, new_tag
 from nodes.sip.headers import NameAddr
@@ -692,7 +692,7 @@ class Proxy:
                 self.registrar.remove_source(key)  # refused: nothing was bound from here
                 self.secreg.discard_pending(pend)
 
-    def _bind_verified(self, tx: ServerTransaction, key: Addr, pend: Any) -> None:
+    def _bind_verified(self, tx: ServerTransaction, key: Addr, pend: Pending) -> None:
         assert self.secreg is not None
         req = tx.request
         try:
