@@ -39,7 +39,15 @@ from functools import partial
 from typing import Any
 
 from nodes import smig
-from nodes.cli import node_arguments, start_logging, tune_gc_for_server
+from nodes.cli import (
+    local_ipv4,
+    node_arguments,
+    port_number,
+    run_node,
+    start_logging,
+    starting,
+    tune_gc_for_server,
+)
 from nodes.control import ControlServer, until_stopped
 from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
@@ -863,7 +871,8 @@ async def _serve(args: argparse.Namespace, config: LabConfig, creds: Credentials
                  trust: bytes | None) -> int:
     proxy = Proxy(config, args.listen, args.port, args.mode, events, timers, creds, ipsec,
                   trust, args.notify)
-    await proxy.start()
+    with starting(f"listen on {args.listen}:{args.port}"):
+        await proxy.start()
     control = None
     if args.control:
         control = ControlServer(args.control, "proxy")
@@ -896,14 +905,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodes.proxy",
                                      description="smig-lab proxy/registrar")
     node_arguments(parser, credentials=True, trust=True)
-    parser.add_argument("--listen", required=True, help="IPv4 address to listen on")
-    parser.add_argument("--port", type=int, default=5060)
+    parser.add_argument("--listen", type=local_ipv4, required=True,
+                        help="IPv4 address to listen on")
+    parser.add_argument("--port", type=port_number, default=5060)
     parser.add_argument("--notify", action="store_true",
                         help="the SMS and presence run: tell them about registrations and "
                         "calls (over static SAs keyed from --trust in ipsec-m2ms mode)")
     args = parser.parse_args(argv)
     start_logging(args)
-    return asyncio.run(run(args))
+    return run_node("proxy", run(args))
 
 
 if __name__ == "__main__":
