@@ -14,7 +14,8 @@ from nodes.events import EventLog
 from nodes.ipsec.node import NodeIpsec
 from nodes.mediakeys import M2mKey, Role
 from nodes.mediasession import MediaError, MediaSession, check_media_address, remote_media
-from tests.smig.harness import RecordingBackend, open_fds
+from tests.fakeipsec import MemoryBackend
+from tests.smig.harness import open_fds
 
 LOCAL, PEER = "127.0.0.2", "127.0.0.3"
 EVENTS = EventLog("t", "/dev/null")  # one file for all: the fd counts below stay exact
@@ -36,7 +37,7 @@ def in_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
     return run
 
 
-def session(backend: RecordingBackend | None, role: Role = Role.ANSWERER) -> MediaSession:
+def session(backend: MemoryBackend | None, role: Role = Role.ANSWERER) -> MediaSession:
     ipsec = NodeIpsec(backend, "recording", "t") if backend is not None else None
     return MediaSession(role, LOCAL, "audio", EVENTS, ipsec)
 
@@ -67,7 +68,7 @@ def test_remote_media_takes_a_good_offer() -> None:
 
 @in_loop
 async def test_accept_remote_checks_first_and_changes_nothing() -> None:
-    backend = RecordingBackend()
+    backend = MemoryBackend()
     fds = open_fds()
     s = session(backend)
     null = M2mKey.fresh(ealg="null").serialize()
@@ -96,7 +97,7 @@ async def test_never_started_session_closes_both_sockets() -> None:
 
 @in_loop
 async def test_establish_failure_installs_nothing() -> None:
-    backend = RecordingBackend()
+    backend = MemoryBackend()
     s = session(backend)
     theirs = M2mKey.fresh()
     s.accept_remote(offer(key=theirs.serialize()))
@@ -108,7 +109,7 @@ async def test_establish_failure_installs_nothing() -> None:
     assert backend.spd == {}
 
 
-def _exported(backend: RecordingBackend) -> tuple[dict, dict]:
+def _exported(backend: MemoryBackend) -> tuple[dict, dict]:
     s = session(backend, Role.OFFERER)
     s.accept_remote(offer(key=M2mKey.fresh().serialize()))
     s.establish("call-1")
@@ -129,7 +130,7 @@ def _exported(backend: RecordingBackend) -> tuple[dict, dict]:
 @in_loop
 async def test_adopt_checks_everything_first(security: object, keys: object, remote: tuple,
                                              error: str) -> None:
-    backend = RecordingBackend()
+    backend = MemoryBackend()
     good_security, good_keys = _exported(backend)
     installed = dict(backend.sad)
     s = session(backend, Role.ANSWERER)
@@ -142,9 +143,9 @@ async def test_adopt_checks_everything_first(security: object, keys: object, rem
 
 @in_loop
 async def test_adopt_then_establish_reuses_the_keys() -> None:
-    backend = RecordingBackend()
+    backend = MemoryBackend()
     security, keys = _exported(backend)
-    other = RecordingBackend()
+    other = MemoryBackend()
     s = session(other, Role.ANSWERER)
     s.adopt(security, keys, (PEER, 41000), "call-1")
     s.establish("call-1")
@@ -154,7 +155,7 @@ async def test_adopt_then_establish_reuses_the_keys() -> None:
 
 @in_loop
 async def test_renegotiate_refuses_before_changing_anything() -> None:
-    backend = RecordingBackend()
+    backend = MemoryBackend()
     s = session(backend)
     s.accept_remote(offer(key=M2mKey.fresh().serialize()))
     s.establish("call-1")
@@ -181,7 +182,7 @@ async def test_renegotiate_refuses_before_changing_anything() -> None:
 
 @in_loop
 async def test_rekey_steps_out_of_turn() -> None:
-    backend = RecordingBackend()
+    backend = MemoryBackend()
     s = session(backend)
     s.accept_remote(offer(key=M2mKey.fresh().serialize()))
     s.establish("call-1")

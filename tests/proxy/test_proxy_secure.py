@@ -28,7 +28,7 @@ from nodes.sip.message import Request
 from nodes.sip.secagree import offer, serialize_mechanisms
 from nodes.sip.transport import UdpTransport
 from nodes.terminal import Terminal
-from tests.proxy.fakeipsec import MemoryBackend, memory_ipsec
+from tests.fakeipsec import MemoryBackend, memory_ipsec
 from tests.proxy.rawsip import RawSip, branch
 from tests.proxy.test_proxy_loopback import ROOT, T, free_port, until
 from tests.proxy.test_proxy_policy import CONFIG, D

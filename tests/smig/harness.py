@@ -1,7 +1,7 @@
 """A whole lab in one process over loopback UDP, for the terminal tests: the real proxy,
 terminals and (optionally) SMS and presence, in open or ipsec-m2ms mode.
 
-In ipsec-m2ms mode every node gets a `RecordingBackend`: SAs and policies are installed and
+In ipsec-m2ms mode every node gets a `MemoryBackend`: SAs and policies are installed and
 removed exactly as in the lab (Fig 1 and Fig 2 run in full, keys derived, the proxy checks
 sources and From), but nothing is encrypted, so the packets travel as plain UDP. That shows
 what each node installs and what it leaves behind, and what a terminal does with requests
@@ -17,19 +17,10 @@ import os
 import random
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nodes.events import EventLog
-from nodes.ipsec.api import (
-    Direction,
-    IPsecBackend,
-    IPsecError,
-    Policy,
-    SecurityAssociation,
-    Selector,
-)
 from nodes.ipsec.node import NodeIpsec
 from nodes.labconfig import Credentials, LabConfig
 from nodes.presence import Presence
@@ -37,66 +28,11 @@ from nodes.proxy import Proxy
 from nodes.sip.timers import TimerConfig
 from nodes.sms import SessionManager
 from nodes.terminal import Terminal
+from tests.fakeipsec import MemoryBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 CREDENTIALS = ROOT / "config" / "credentials.json"
 T = TimerConfig(t1=0.02, timer_d=0.1)  # Timer F and L: 64*T1 = 1.28 s
-
-
-class RecordingBackend(IPsecBackend):
-    """An IPsec backend that keeps the SAD and SPD and encrypts nothing."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.sad: dict[tuple[str, int], SecurityAssociation] = {}
-        self.spd: dict[tuple[Selector, Direction], Policy] = {}
-
-    def add_sa(self, sa: SecurityAssociation) -> None:
-        if (sa.dst, sa.spi) in self.sad:
-            raise IPsecError(f"SA spi={sa.spi} dst={sa.dst} already exists")
-        self.sad[(sa.dst, sa.spi)] = sa
-
-    def update_sa(self, sa: SecurityAssociation) -> None:
-        self.sad[(sa.dst, sa.spi)] = sa
-
-    def get_sa(self, dst: str, spi: int) -> SecurityAssociation | None:
-        return self.sad.get((dst, spi))
-
-    def delete_sa(self, dst: str, spi: int) -> None:
-        self.sad.pop((dst, spi), None)
-
-    def list_sas(self) -> list[SecurityAssociation]:
-        return list(self.sad.values())
-
-    def add_policy(self, policy: Policy) -> None:
-        key = (policy.selector, policy.direction)
-        if key in self.spd:
-            raise IPsecError(f"policy {policy.selector} {policy.direction.value} exists")
-        self.spd[key] = policy
-
-    def update_policy(self, policy: Policy) -> None:
-        self.spd[(policy.selector, policy.direction)] = policy
-
-    def delete_policy(self, selector: Selector, direction: Direction) -> None:
-        self.spd.pop((selector, direction), None)
-
-    def list_policies(self) -> list[Policy]:
-        return list(self.spd.values())
-
-    def counters(self) -> dict[str, int]:
-        return {}
-
-    def flush(self) -> None:
-        self.sad.clear()
-        self.spd.clear()
-
-    def move_sa(self, dst: str, spi: int, new_src: str, new_dst: str,
-                selector: Selector | None) -> SecurityAssociation:
-        sa = self.sad.pop((dst, spi))
-        moved = replace(sa, src=new_src, dst=new_dst, selector=selector)
-        self.sad[(new_dst, spi)] = moved
-        return moved
 
 
 def open_fds() -> set[str]:
@@ -127,7 +63,7 @@ class Net:
             "servers": {"proxy": self.ip(10), "sms": self.ip(11), "presence": self.ip(12)}}
         self.config = LabConfig.from_dict(self.config_data)
         self.creds = Credentials.load(CREDENTIALS)
-        self.backends: dict[str, RecordingBackend] = {}
+        self.backends: dict[str, MemoryBackend] = {}
         self.proxy = Proxy(self.config, self.ip(10), 5060, mode, self.events("proxy"), T,
                            creds=self.creds if mode == "ipsec-m2ms" else None,
                            ipsec=self._ipsec("proxy"), notify=servers)
@@ -145,7 +81,7 @@ class Net:
     def _ipsec(self, name: str) -> NodeIpsec | None:
         if self.mode != "ipsec-m2ms":
             return None
-        self.backends[name] = RecordingBackend()
+        self.backends[name] = MemoryBackend()
         return NodeIpsec(self.backends[name], "recording", name)
 
     async def start(self) -> None:

@@ -1,10 +1,10 @@
-"""An in-memory IPsec backend for in-process tests of the sec-agree proxy: it keeps the SAD
-and SPD (refusing a duplicate SA as the real backends do) and protects nothing, so the
-"protected" SIP travels as plain UDP on loopback between the same ports it would use."""
+"""An in-memory IPsec backend for in-process tests: it keeps the SAD and SPD with the real
+backends' rules (a duplicate SA or policy is refused, updating or moving a missing SA is an
+error, a moved SA keeps SPI and keys) and encrypts nothing, so "protected" SIP and media
+travel as plain UDP on loopback between the ports they would use. Tests read what each node
+installed and what it left behind."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 from nodes.ipsec.api import (
     Direction,
@@ -21,57 +21,68 @@ class MemoryBackend(IPsecBackend):
     name = "memory"
 
     def __init__(self) -> None:
-        self.sas: dict[tuple[str, int], SecurityAssociation] = {}
-        self.policies: dict[tuple[Selector, Direction], Policy] = {}
+        self.sad: dict[tuple[str, int], SecurityAssociation] = {}
+        self.spd: dict[tuple[Selector, Direction], Policy] = {}
         self.changes = 0  # SAD/SPD operations, for tests that bound them
 
+    # -- SAD --
     def add_sa(self, sa: SecurityAssociation) -> None:
-        if (sa.dst, sa.spi) in self.sas:
+        if (sa.dst, sa.spi) in self.sad:
             raise IPsecError(f"SA spi=0x{sa.spi:08x} dst={sa.dst} already exists")
         self.changes += 1
-        self.sas[(sa.dst, sa.spi)] = sa
+        self.sad[(sa.dst, sa.spi)] = sa
 
     def update_sa(self, sa: SecurityAssociation) -> None:
-        if (sa.dst, sa.spi) not in self.sas:
+        if (sa.dst, sa.spi) not in self.sad:
             raise IPsecError(f"no SA spi=0x{sa.spi:08x} dst={sa.dst} to update")
-        self.sas[(sa.dst, sa.spi)] = sa
+        self.sad[(sa.dst, sa.spi)] = sa
 
     def move_sa(self, dst: str, spi: int, new_src: str, new_dst: str,
                 selector: Selector | None) -> SecurityAssociation:
-        sa = self.sas.pop((dst, spi), None)
+        sa = self.sad.get((dst, spi))
         if sa is None:
             raise IPsecError(f"no SA spi=0x{spi:08x} dst={dst} to move")
-        moved = replace(sa, src=new_src, dst=new_dst, selector=selector or sa.selector)
-        self.sas[(new_dst, spi)] = moved
+        if new_dst != dst and (new_dst, spi) in self.sad:
+            raise IPsecError(f"SA spi=0x{spi:08x} dst={new_dst} already exists")
+        del self.sad[(dst, spi)]
+        moved = sa.moved(new_src, new_dst, selector)
+        self.sad[(new_dst, spi)] = moved
         return moved
 
     def get_sa(self, dst: str, spi: int) -> SecurityAssociation | None:
-        return self.sas.get((dst, spi))
+        return self.sad.get((dst, spi))
 
     def delete_sa(self, dst: str, spi: int) -> None:
-        if self.sas.pop((dst, spi), None) is not None:
+        if self.sad.pop((dst, spi), None) is not None:
             self.changes += 1
 
     def list_sas(self) -> list[SecurityAssociation]:
-        return list(self.sas.values())
+        return list(self.sad.values())
 
+    # -- SPD --
     def add_policy(self, policy: Policy) -> None:
+        key = (policy.selector, policy.direction)
+        if key in self.spd:
+            raise IPsecError(f"policy {policy.selector} {policy.direction.value} exists")
         self.changes += 1
-        self.policies[(policy.selector, policy.direction)] = policy
+        self.spd[key] = policy
+
+    def update_policy(self, policy: Policy) -> None:
+        self.spd[(policy.selector, policy.direction)] = policy
 
     def delete_policy(self, selector: Selector, direction: Direction) -> None:
-        self.policies.pop((selector, direction), None)
+        self.spd.pop((selector, direction), None)
 
     def list_policies(self) -> list[Policy]:
-        return list(self.policies.values())
+        return list(self.spd.values())
 
     def counters(self) -> dict[str, int]:
         return dict.fromkeys(("integrity_failed", "replay_dropped", "no_sa", "policy_dropped",
                               "packets_in", "packets_out"), 0)
 
     def flush(self) -> None:
-        self.sas.clear()
-        self.policies.clear()
+        self.sad.clear()
+        self.spd.clear()
 
 
 def memory_ipsec(node: str) -> NodeIpsec:
