@@ -293,6 +293,8 @@ class SipEndpoint:
         try:
             validate_request(req, self.policy)
         except SipError as e:
+            log.info("%s: %s from %s:%d refused: %d %s", self.name, req.method, *addr,
+                     e.status, e.reason)
             tx = self._new_server(req, addr, key, resp_addr)
             tx.reply(e.status, e.reason, headers=e.headers)
             return
@@ -323,6 +325,8 @@ class SipEndpoint:
         return tx
 
     def _refuse_stateless(self, req: Request, addr: Addr, err: SipError) -> None:
+        log.info("%s: %s from %s:%d refused: %d %s", self.name, req.method, *addr, err.status,
+                 err.reason)
         self._safe_send(response_to(req, err.status, err.reason, headers=err.headers), addr)
 
     def _on_ack(self, req: Request, addr: Addr, tx: ServerTransaction | None) -> None:
@@ -391,7 +395,8 @@ class SipEndpoint:
     def _accepted(self, tx: ServerTransaction) -> None:
         cseq = tx.request.cseq
         if cseq is not None:
-            self._accepted_invites[(tx.request.call_id, cseq.number)] = tx
+            tx.accepted_key = (tx.request.call_id, cseq.number)
+            self._accepted_invites[tx.accepted_key] = tx
 
     def _forget(self, tx: Transaction) -> None:
         if isinstance(tx, ClientTransaction):
@@ -400,9 +405,9 @@ class SipEndpoint:
         else:
             if self._servers.get(tx.key) is tx:
                 del self._servers[tx.key]
-            cseq = tx.request.cseq
-            k = (tx.request.call_id, cseq.number if cseq else None)
-            if self._accepted_invites.get(k) is tx:
+            # By the key it was indexed under: a malformed request's headers may not parse.
+            k = getattr(tx, "accepted_key", None)
+            if k is not None and self._accepted_invites.get(k) is tx:
                 del self._accepted_invites[k]
 
     def _park(self, key: tuple, response: bytes | None, addr: Addr, timer_j: float) -> None:

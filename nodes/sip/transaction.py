@@ -116,15 +116,7 @@ class Transaction:
             # Each Timer holds a bound method of this transaction: dropping them breaks the
             # cycle, so a finished transaction is freed at once, not by a full GC pass.
             self.timers.clear()
-            try:
-                self.owner._forget(self)
-            except ValueError as exc:
-                # The owner reads the request's headers to un-index it; a request refused
-                # for a malformed one (a CSeq or Call-ID answered with 400) fails there.
-                # Its 400 is out and the transaction is no longer matched: nothing to log
-                # but a line.
-                log.debug("%s %s: ended with a malformed request (%s)", self.kind,
-                          self.key[0], exc)
+            self.owner._forget(self)
             if self._terminated is not None:
                 self._terminated.set()
 
@@ -306,6 +298,7 @@ class ServerTransaction(Transaction):
         self._acked: asyncio.Event | None = None
         self.retransmit_2xx = True  # UAS core duty; a proxy turns it off
         self.local_tag: str | None = None
+        self.accepted_key: tuple[str, int] | None = None  # set by the endpoint's index
 
     @property
     def cancelled(self) -> asyncio.Event:

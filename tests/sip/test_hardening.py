@@ -74,6 +74,9 @@ def test_malformed_cseq_or_call_id_is_400_without_a_traceback(
     with caplog.at_level(logging.DEBUG):
         asyncio.run(main())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    # Each refusal is said once (the retransmission is answered from the stored response).
+    refusals = [r.getMessage() for r in caplog.records if "refused: 400" in r.getMessage()]
+    assert len(refusals) == 2 and all(f"OPTIONS from {A[0]}:{A[1]}" in m for m in refusals)
 
 
 def test_gate_sees_every_datagram_before_the_receiver() -> None:
