@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def bench_proxy(workdir: Path, args: argparse.Namespace) -> list[Row]:
         rows.append(Row("call set-ups/s", "smig-lab proxy", calls,
                         "INVITE..ACK + BYE, UAC->proxy->UAS"))
         counters = proxy.status()["counters"]
-        print(f"proxy counters: {dict(sorted(counters.items()))}")
+        print("proxy counters (what it received, forwarded, answered and dropped):")
+        print(textwrap.fill(", ".join(f"{k} {v:,}" for k, v in sorted(counters.items())), 96,
+                            initial_indent="  ", subsequent_indent="  "))
     finally:
         proxy.stop()
     return rows
