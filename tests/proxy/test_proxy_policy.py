@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nodes.labconfig import LabConfig
-from nodes.proxy import DropBook
+from nodes.proxy_admission import DropBook
 from tests.proxy.rawsip import RawSip, branch
 from tests.proxy.test_proxy_loopback import Net, T, run, until
 
@@ -253,7 +253,7 @@ def test_unregistered_sources_get_an_answer_only_to_a_register(
 
 def test_drop_lines_are_limited_per_address(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("nodes.proxy.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("nodes.proxy_admission.time.monotonic", lambda: now[0])
     book = DropBook()
     assert [book.may_log("10.0.0.1") for _ in range(7)] == [0] * 5 + [None] * 2
     assert book.may_log("10.0.0.2") == 0  # another address has its own share

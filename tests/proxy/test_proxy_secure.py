@@ -145,7 +145,7 @@ def test_any_failure_after_verification_leaves_no_state(
         def broken(*_a: object, **_k: object) -> int:
             raise RuntimeError("a bug in the registrar")
 
-        monkeypatch.setattr(net.proxy, "_bind", broken)
+        monkeypatch.setattr(net.proxy.registration, "_bind", broken)
         with pytest.raises(CommandError, match="registration refused: 500"):
             await a1.register()
         await until(lambda: net.sas == [], "the pending SAs to go")
