@@ -54,6 +54,7 @@ class TerminalCalls:
     name: str
     config: LabConfig
     local_ip: str
+    active_ip: str  # the interface SIP and new media use (Fig 4 moves it)
     events: EventLog
     counters: Counter[str]
     ipsec: NodeIpsec | None
@@ -85,7 +86,7 @@ class TerminalCalls:
         return self.media_dir / f"{self.name}-call{self._wavs}.wav" if self.media_dir else None
 
     def _media_session(self, role: Role, kind: str) -> MediaSession:
-        return MediaSession(role, self.local_ip, kind, self.media_log(), self.ipsec,
+        return MediaSession(role, self.active_ip, kind, self.media_log(), self.ipsec,
                             self.media_wav(), self.media_loop, self._spis_in_use())
 
     def _spis_in_use(self) -> set[int]:
@@ -240,7 +241,7 @@ class TerminalCalls:
         log.info("%s: 488 to %s for %s: %s", self.name, tx.request.method, call_id, why)
         self.events.emit("call-refused", call_id=call_id, status=488, why=why)
         tx.reply(488, "Not Acceptable Here",
-                 headers=[("Warning", warning(self.local_ip, why))])
+                 headers=[("Warning", warning(self.active_ip, why))])
 
     def _on_ack(self, dlg: Dialog) -> None:
         session = self.media.get(dlg.call_id)

@@ -257,3 +257,22 @@ def test_sigterm_with_a_dead_peer_exits_quickly(tmp_path: Path) -> None:
         assert events.count("call-ended") == 3 and events[-1] == "terminal-stopped"
 
     run(scenario, tmp_path, "open")
+
+
+def test_a_call_after_a_link_switch_takes_its_media_on_the_active_interface(
+        tmp_path: Path) -> None:
+    """A1 registered through its second interface (Fig 4 moved it there): a new call offers
+    and receives media on that address, not on the one the terminal started with."""
+    async def scenario(net: Net) -> None:
+        second = net.ip(99)
+        a1 = await net.terminal("a1", interfaces={"a1-wlan": net.ip(net._next),
+                                                  "a1-lte": second})
+        b1 = await net.terminal("b1")
+        assert (await a1.register(via="a1-lte"))["status"] == 200
+        assert a1.active_ip == second
+        cid = (await a1.call("b1"))["call_id"]
+        await until(lambda: cid in b1.media, "b1's media session")
+        assert b1.media[cid].status()["remote"].startswith(second + ":")
+        assert a1.media[cid].status()["local"].startswith(second + ":")
+
+    run(scenario, tmp_path, "ipsec-m2ms")
