@@ -10,7 +10,6 @@ XFRM state/policy and OVS bridges after teardown).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from experiments.analysis import rtp_loss
 from experiments.capabilities import probe
 from experiments.control import NodeControl
 from experiments.lab import Lab, wait_until
@@ -199,7 +199,10 @@ def test_secure_call_rtp_is_esp_only_and_decrypts(lab: Lab, registered: None) ->
     rtp = [r for r in from_a1 if r[2] == str(port)]
     seqs = [int(r[3]) for r in rtp if r[3]]
     assert len(seqs) == len(rtp) >= 100, "every ESP packet to the RTP port decrypts to RTP"
-    assert all((b - a) % 65536 == 1 for a, b in itertools.pairwise(seqs))
+    # Consecutive: no hole and no duplicate between the first and the last (two packets may
+    # swap places on a busy machine's path: the capture shows them in arrival order).
+    loss = rtp_loss((0, seq) for seq in seqs)
+    assert (loss["lost"], loss["duplicates"]) == (0, 0), loss
 
 
 def _names(cmd: list[str]) -> set[str]:
