@@ -407,6 +407,10 @@ def _receivers(trial: Trial, data: RunData, checks: list[dict[str, Any]]
                                 ev_gap[0] if ev_gap else None, duration=True))
         checks.append(_count_check(f"RTP lost at {name}", loss["lost"] if pcap else None,
                                    ev_loss["lost"] if events else None))
+        # Every packet the capture saw reach a receiver should reach its socket too: fewer
+        # in the log means the receiving host dropped some (e.g. no inbound SA yet).
+        checks.append(_count_check(f"RTP packets at {name}", len(pcap) if pcap else None,
+                                   len(events) if events else None))
     return out
 
 
@@ -450,6 +454,8 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
     gaps = [r["gap_ms"] for r in res["receivers"].values() if r["gap_ms"] is not None]
     res["gap_ms"] = max(gaps) if gaps else None
     res["lost"] = sum(r["lost"] for r in res["receivers"].values())
+    # What the receiving applications missed (dropped after the wire, or never sent).
+    res["app_lost"] = sum(r["events"]["lost"] for r in res["receivers"].values())
 
     # Handover: trigger -> first RTP from the new path at the peer.
     receivers, new_src, new_dst = _handover_path(trial)
@@ -494,6 +500,12 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
         trig_ev = start
     res["detection_ms"] = (_ms(trig_ev["t_ns"] - trig) if trig_ev else None) \
         if trial.scenario in FAULT_SCENARIOS else 0.0
+    # What the method itself takes: the terminal's trigger -> first RTP on the new path
+    # (detection is the same for every method: the media timeout, or the carrier event).
+    if res["handover_ms"] is not None and res["detection_ms"] is not None:
+        res["switch_ms"] = round(res["handover_ms"] - res["detection_ms"], 3)
+    else:
+        res["switch_ms"] = None
     if trig_ev is None:
         notes.append("no trigger event of the mover after the trigger")
 
@@ -582,9 +594,11 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
 
 METRICS: list[tuple[str, str, str]] = [  # key, unit, column title
     ("handover_ms", "ms", "handover ms"), ("detection_ms", "ms", "detection ms"),
+    ("switch_ms", "ms", "switch ms"),
     ("signalling_ms", "ms", "signalling ms"), ("messages", "msgs", "messages"),
     ("bytes", "B", "bytes"), ("retransmissions", "msgs", "retrans."),
-    ("gap_ms", "ms", "max gap ms"), ("lost", "pkts", "lost"), ("rekey_ms", "ms", "rekey ms"),
+    ("gap_ms", "ms", "max gap ms"), ("lost", "pkts", "lost"), ("app_lost", "pkts", "app lost"),
+    ("rekey_ms", "ms", "rekey ms"),
 ]
 
 
@@ -623,8 +637,14 @@ def markdown(summary: dict[str, Any]) -> str:
     """results.md: the table (median (p95) per scenario x method), claims, failures."""
     cols = [title for _, _, title in METRICS]
     lines = [f"# Results: {summary['run']}", "",
-             "Median (p95) over the ok trials; times from the trigger (fault injection or "
-             "command). Messages and bytes: SIP at the proxy, each hop, first transmissions.",
+             "Median (p95) over the ok trials; min and max are in results.csv. *handover*: "
+             "trigger (fault injection or command) to the first RTP on the new path at the "
+             "peer; *detection*: trigger to the terminal's trigger event; *switch*: that event "
+             "to the first RTP on the new path (handover minus detection: what the method "
+             "takes); *signalling*: that event to the last switch-complete. *max gap*, *lost*: "
+             "at the receivers, on the wire (captures); *app lost*: what the receiving "
+             "applications missed. Messages and bytes: SIP at the proxy, each hop, first "
+             "transmissions.",
              "", "| scenario | method | trials | " + " | ".join(cols) + " |",
              "|" + "---|" * (3 + len(cols))]
     for a in summary["aggregates"]:
@@ -659,6 +679,9 @@ def _agreement_section(summary: dict[str, Any]) -> list[str]:
         lines.append("With the userspace ESP engine a packet spends its decryption (or "
                      "encryption) time between the wire and the socket: the logs see it "
                      "that much later (or earlier).")
+    lines.append("Counts differ when a packet on the wire never reached the receiving "
+                 "application (its host dropped it, e.g. before its inbound SA was in place): "
+                 "*app lost* in the table counts those.")
     lines += ["", "| check | disagree | of | median offset | largest offset | pcap is |",
               "|---|---|---|---|---|---|"]
     for name, cs in groups.items():

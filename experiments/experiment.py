@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -53,11 +54,19 @@ class Plan:
     trial: int
 
 
-def plans(scenarios: list[str], trials: int) -> list[Plan]:
+def plans(scenarios: list[str], trials: int, seed: int = 0) -> list[Plan]:
     """Trials interleaved (every scenario × method once, then again): slow drifts of the
-    machine then spread over all methods instead of biasing one."""
-    combos = [(s, m) for s in scenarios for m in METHODS[SCENARIOS[s][0]]]
-    return [Plan(s, m, t) for t in range(1, trials + 1) for s, m in combos]
+    machine then spread over all methods instead of biasing one. Within each round the
+    methods of a scenario run in a shuffled order (seeded: a run can be repeated), so that
+    no method always runs first, right after another scenario's clean-up."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(1, trials + 1):
+        for s in scenarios:
+            methods = list(METHODS[SCENARIOS[s][0]])
+            rng.shuffle(methods)
+            out += [Plan(s, m, t) for m in methods]
+    return out
 
 
 class Runner:
@@ -145,6 +154,8 @@ class Runner:
         record["t_end_ns"] = time.time_ns()
 
     def _terminal_trial(self, method: str, record: dict[str, Any]) -> None:
+        # A known start: a1 on wlan (a link-switch trial before may have left it on lte).
+        self.node("a1")("register", via="a1-wlan")
         cid = self._call(record)
         record.update(mover="a1", peer="b1", old={"a": "a1", "b": "b1"},
                       new={"a": "a2", "b": "b2"},
@@ -198,8 +209,9 @@ def _rtt_of(scenario: str) -> int | None:
 
 
 def run_experiment(scenarios: list[str], trials: int, name: str = "experiment",
-                   sweep_trials: int = 1) -> Path:
-    todo = plans(scenarios, trials)
+                   sweep_trials: int = 1, seed: int | None = None) -> Path:
+    seed = random.randrange(1 << 31) if seed is None else seed
+    todo = plans(scenarios, trials, seed)
     families = {SCENARIOS[s][0] for s in scenarios}
     terminals = ["a1", "b1"] + (["a2", "b2"] if "terminal" in families else [])
     start = time.monotonic()
@@ -210,7 +222,8 @@ def run_experiment(scenarios: list[str], trials: int, name: str = "experiment",
         runner = Runner(lab, lab.say)
         runner.setup(terminals)
         (lab.run_dir / "plan.json").write_text(json.dumps(
-            {"scenarios": scenarios, "trials": trials, "planned": len(todo)}, indent=2))
+            {"scenarios": scenarios, "trials": trials, "planned": len(todo), "seed": seed,
+             "order": [f"{p.scenario}/{p.method}#{p.trial}" for p in todo]}, indent=2))
         sweep: list[Plan] = []
         if lab.caps is not None and lab.caps.netem and sweep_trials:
             sweep = [Plan(f"link-planned-rtt{rtt}", m, t) for rtt in SWEEP_RTTS_MS
@@ -275,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default="all",
                         help=f"all, or a comma list of: {', '.join(SCENARIOS)}")
     parser.add_argument("--name", default="experiment", help="run folder suffix")
+    parser.add_argument("--seed", type=int, help="seed of the method order in each round "
+                                                 "(default: a new one, kept in plan.json)")
     parser.add_argument("--sweep-trials", type=int, default=1,
                         help="trials per RTT of the delay sweep (needs netem; 0: no sweep)")
     args = parser.parse_args(argv)
@@ -290,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"known: all, {', '.join(SCENARIOS)}")
     guard()
     try:
-        run_experiment(scenarios, args.trials, args.name, args.sweep_trials)
+        run_experiment(scenarios, args.trials, args.name, args.sweep_trials, args.seed)
     except KeyboardInterrupt:
         return 130
     except LabError as exc:

@@ -134,7 +134,7 @@ def markers(result: dict[str, Any]) -> list[Marker]:
         out.append(Marker(result["handover_ms"], "new-path",
                           "first RTP on the new path (handover)"))
     if result.get("t_complete_ms") is not None:
-        out.append(Marker(result["t_complete_ms"], "complete", "procedure complete"))
+        out.append(Marker(result["t_complete_ms"], "complete", "switch done (its last message)"))
     return sorted(out, key=lambda m: m.t_ms)
 
 

@@ -79,7 +79,7 @@ def test_analyze_a_planned_link_switch() -> None:
     assert counts["switch-complete messages"]["agree"] is True
     (agg,) = [a for a in summary["aggregates"] if a["method"] == "proposed"]
     assert agg["trials"] == 1 and agg["failed"] == 1
-    assert summary["claims"]["c"]["verdict"] in ("holds", "does not hold")
+    assert summary["claims"]["c"]["verdict"] in ("inconclusive", "does not hold")  # 1 trial
     assert summary["claims"]["a"]["verdict"] == "not measured"
     for name in ("results.json", "results.csv", "results-trials.csv", "results.md"):
         assert (run / name).stat().st_size > 0

@@ -8,9 +8,12 @@ from experiments.claims import MIN_TIME_PAIRS, claims, compare, markdown
 
 
 def r(scenario: str, method: str, trial: int, handover: float, messages: int = 34,
-      lost: int = 0, gap: float = 25.0, ok: bool = True) -> dict[str, Any]:
+      lost: int = 0, gap: float = 25.0, ok: bool = True, detection: float = 0.0,
+      app_lost: int | None = None) -> dict[str, Any]:
     return {"scenario": scenario, "method": method, "trial": trial, "ok": ok,
-            "handover_ms": handover, "messages": messages, "lost": lost, "gap_ms": gap}
+            "handover_ms": handover, "detection_ms": detection,
+            "switch_ms": handover - detection, "messages": messages, "lost": lost,
+            "app_lost": lost if app_lost is None else app_lost, "gap_ms": gap}
 
 
 def link(scenario: str, proposed: list[float], baseline: list[float],
@@ -22,21 +25,29 @@ def link(scenario: str, proposed: list[float], baseline: list[float],
 
 def test_holds_when_median_and_most_pairs_agree() -> None:
     c = compare(link("link-planned", [30, 29, 41], [38, 37, 36]), "link-planned", "proposed",
-                "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS)
+                "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS, True)
     assert (c["verdict"], c["medians"], c["pairs"], c["wins"]) == ("holds", [30, 37], 3, 2)
+
+
+def test_a_difference_within_the_noise_is_inconclusive() -> None:
+    c = compare(link("link-carrier-loss", [42.2, 41, 43], [42.0, 41.5, 43.5]), "link-carrier-loss",
+                "proposed", "register-then-switch", "handover_ms", "handover", "ms",
+                MIN_TIME_PAIRS, True)
+    assert (c["verdict"], c["why"]) == ("inconclusive",
+                                        "the medians differ by no more than 1.3 ms")
 
 
 def test_does_not_hold_when_both_go_against() -> None:
     c = compare(link("link-planned", [40, 41, 30], [38, 37, 36]), "link-planned", "proposed",
-                "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS)
+                "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS, True)
     assert c["verdict"] == "does not hold" and c["wins"] == 1
 
 
 def test_inconclusive_when_median_and_pairs_disagree_or_too_few_pairs() -> None:
-    # Median favours proposed (30 < 31), but it wins only 2 of 5 pairs.
-    rows = link("link-planned", [30, 29, 45, 44, 28], [31, 31, 31, 31, 20])
+    # Median favours proposed (20 < 31), but it wins only 2 of 5 pairs.
+    rows = link("link-planned", [20, 19, 45, 44, 18], [31, 31, 31, 31, 10])
     c = compare(rows, "link-planned", "proposed", "register-then-switch", "handover_ms",
-                "handover", "ms", MIN_TIME_PAIRS)
+                "handover", "ms", MIN_TIME_PAIRS, True)
     assert (c["verdict"], c["why"]) == ("inconclusive", "the medians and the trial pairs disagree")
     one = compare(link("link-planned", [30], [40]), "link-planned", "proposed",
                   "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS)
@@ -54,6 +65,15 @@ def test_claim_a_per_trigger_and_overall() -> None:
     assert {p["scenario"]: p["verdict"] for p in a["parts"]} == {
         "link-planned": "holds", "link-blackhole": "holds", "link-carrier-loss": "not measured"}
     assert a["verdict"] == "holds" and a["scope"] == "2 of 3 triggers measured"
+    # Times after detection: a head start in detecting the fault is not the method's.
+    late = [r("link-blackhole", m, i, 300 + d + 30, detection=300 + d)
+            for i, (m, d) in enumerate([("proposed", 0), ("register-then-switch", 20)] * 3)]
+    for i, row in enumerate(late):
+        row["trial"] = i // 2 + 1
+    part = claims(late)["a"]["parts"][2]
+    assert part["scenario"] == "link-blackhole"
+    # (the same message count is not fewer messages)
+    assert [c["verdict"] for c in part["checks"]] == ["does not hold", "inconclusive"]
     # More messages fails the claim even when faster.
     worse = claims(link("link-planned", [30, 29, 31], [38, 37, 36], msgs=(40, 36)))["a"]
     assert worse["verdict"] == "does not hold"
@@ -73,13 +93,22 @@ def test_claims_b_and_c_and_failed_trials() -> None:
         ("does not hold", 2, 1, 2)
 
 
+def test_claim_c_counts_application_losses_and_needs_three_trials() -> None:
+    two = [r("link-planned", "proposed", i, 30) for i in (1, 2)]
+    assert claims(two)["c"]["verdict"] == "inconclusive"
+    three = [*two, r("link-planned", "proposed", 3, 30)]
+    assert claims(three)["c"]["verdict"] == "holds"
+    dropped = [*two, r("link-planned", "proposed", 3, 30, lost=0, app_lost=1)]
+    assert claims(dropped)["c"]["verdict"] == "does not hold"
+
+
 def test_not_measured_everywhere_without_trials() -> None:
     c = claims([r("link-planned", "proposed", 1, 30, ok=False)])
     assert {k: v["verdict"] for k, v in c.items()} == {
         "a": "not measured", "b": "not measured", "c": "not measured"}
     text = "\n".join(markdown(c))
     assert "None" not in text
-    assert "* **(c) not measured** — make-before-break" in text
+    assert "* **(c) not measured** — claim: make-before-break" in text
     assert "no ok trials of link-planned/proposed" in text
 
 
@@ -88,6 +117,7 @@ def test_markdown_says_the_numbers() -> None:
             *(r("link-planned", "proposed", i, 30, gap=26.4) for i in (4,))]
     text = "\n".join(markdown(claims(rows)))
     assert ("  * link-planned: holds — messages 32 vs 36 (medians); lower in 3 of 3 trial pairs; "
-            "handover 30 ms vs 37.5 ms (medians); lower in 3 of 3 trial pairs") in text
-    assert "no packet lost in 4 of 4 trials (most lost in one: 0)" in text
+            "switch 30 ms vs 37.5 ms (medians); lower in 3 of 3 trial pairs") in text
+    assert ("no packet lost (on the wire or at the applications) in 4 of 4 trials "
+            "(most lost in one: 0)") in text
     assert "largest media gap 25 ms (median; a voice packet every 20 ms)" in text

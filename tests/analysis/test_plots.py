@@ -153,7 +153,8 @@ def test_timeline_draws_old_paths_grey_and_new_paths_in_the_method_colour(
         to_hex(OLD_PATH_COLOUR), METHOD_COLOURS["proposed"]] * 2
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "first RTP on the new path (handover) (+60 ms)" in legend
-    assert "trigger: command (+0 ms)" in legend and "procedure complete (+80 ms)" in legend
+    assert "trigger: command (+0 ms)" in legend
+    assert "switch done (its last message) (+80 ms)" in legend
     assert "trial 1" in ax.get_title()
 
 

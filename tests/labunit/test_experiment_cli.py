@@ -23,9 +23,8 @@ def test_bad_options(argv: list[str], error: str, capsys: pytest.CaptureFixture[
     assert error in capsys.readouterr().err
 
 
-def test_probe_summary_counts_late_packets(tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from experiments.runner import print_probe_summary
+def test_probe_summary_counts_lost_and_late_packets(tmp_path: Path) -> None:
+    from experiments.runner import probe_summary
 
     a1 = [{"event": "tx", "path": p, "seq": i} for p in ("wlan", "lte") for i in range(3)]
     b1 = [{"event": "rx", "path": "lte", "seq": i, "sent_ns": i * 10**9,
@@ -33,10 +32,11 @@ def test_probe_summary_counts_late_packets(tmp_path: Path,
     b1 += [{"event": "rx", "path": "wlan", "seq": 0, "sent_ns": 0, "t_ns": 1_500_000_000}]
     (tmp_path / "a1").write_text("".join(json.dumps(r) + "\n" for r in a1))
     (tmp_path / "b1").write_text("".join(json.dumps(r) + "\n" for r in b1))
-    print_probe_summary(tmp_path / "a1", tmp_path / "b1")
-    out = capsys.readouterr().out.splitlines()
-    assert out[1].split() == ["lte", "3", "3", "0", "0", "2.0", "ms"]
-    assert out[2].split() == ["wlan", "3", "1", "0", "1", "1500.0", "ms"]
+    out = probe_summary(tmp_path / "a1", tmp_path / "b1")
+    assert out[0].split() == ["path", "sent", "at", "b1", "lost", "echoed", "late", "max",
+                              "delay"]
+    assert out[1].split() == ["lte", "3", "3", "0", "0", "0", "2.0", "ms"]
+    assert out[2].split() == ["wlan", "3", "1", "2", "0", "1", "1500.0", "ms"]
 
 
 def test_decrypt_finds_the_runs_esp_sa_and_says_what_is_missing(
@@ -56,3 +56,18 @@ def test_decrypt_finds_the_runs_esp_sa_and_says_what_is_missing(
     assert decrypt([str(pcap), "--print-options"]) == 0
     out = capsys.readouterr().out
     assert out.count("uat:esp_sa:") == 1 and "esp.enable_encryption_decode:TRUE" in out
+
+
+def test_plans_interleave_rounds_and_shuffle_methods_by_seed() -> None:
+    from experiments.experiment import METHODS, plans
+
+    one = plans(["link-planned", "terminal-switch"], 4, seed=7)
+    assert one == plans(["link-planned", "terminal-switch"], 4, seed=7)
+    assert [p.trial for p in one] == [t for t in range(1, 5) for _ in range(5)]
+    for t in range(1, 5):  # every method once per round, scenario by scenario
+        rnd = [(p.scenario, p.method) for p in one if p.trial == t]
+        assert sorted(m for s, m in rnd[:3]) == sorted(METHODS["link"])
+        assert sorted(m for s, m in rnd[3:]) == sorted(METHODS["terminal"])
+    firsts = {p.method for p in one if p.scenario == "link-planned"
+              and next(q for q in one if q.trial == p.trial) == p}
+    assert len(firsts) > 1  # not always the same method first (seed 7)
