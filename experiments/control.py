@@ -30,7 +30,11 @@ class NodeControl:
         """Send one raw request line and return the decoded reply (for tests of bad input)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(self.timeout)
-            sock.connect(self.path)
+            try:
+                sock.connect(self.path)
+            except OSError as exc:
+                raise ConnectionError(f"{self.path}: {exc.strerror or exc} (is the node "
+                                      f"running?)") from None
             sock.sendall(line.rstrip(b"\n") + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):
@@ -54,6 +58,8 @@ def parse_params(tokens: list[str]) -> dict[str, Any]:
         key, sep, value = tok.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"expected key=value, got {tok!r}")
+        if key in params:
+            raise ValueError(f"{key} given twice")
         try:
             params[key] = json.loads(value)
         except ValueError:

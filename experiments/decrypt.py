@@ -6,7 +6,9 @@ options, the rest of the command line goes to tshark as it is.
     python -m experiments.decrypt captures/<run>/pcaps/proxy-core.pcap --print-options
 
 The esp_sa file is the pcap's run folder's (captures/<run>/esp_sa) unless --esp-sa names
-another. RTP inside ESP is found through the SDP of the call, or with `-d udp.port==N,rtp`.
+another. RTP inside ESP is found through the SDP of the call; the media of terminals a Fig 3
+switch brought in (configured by SMIG, not SDP) is decoded on the SMS's media ports; other
+ports with `-d udp.port==N,rtp`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 from nodes.ipsec.esp_sa import tshark_args
+from nodes.sms import SMIG_PORTS
 
 
 def esp_sa_for(pcap: Path) -> Path:
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if tshark is None:
         ap.error("tshark is not installed (make setup installs it)")
     sys.stdout.flush()
-    os.execv(tshark, [tshark, "-n", "-r", str(args.pcap), *options, *tshark_rest])
+    smig_media = [a for port in SMIG_PORTS.values() for a in ("-d", f"udp.port=={port},rtp")]
+    os.execv(tshark, [tshark, "-n", "-r", str(args.pcap), *options, *smig_media, *tshark_rest])
 
 
 if __name__ == "__main__":

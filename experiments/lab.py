@@ -127,6 +127,10 @@ class MachineLock:
         os.write(fd, f"pid {os.getpid()}, {what}".encode())
         self._fd = fd
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
@@ -296,6 +300,8 @@ class Lab:
         if self._stopped:
             return
         self._stopped = True
+        if not self._lock.held:  # refused at start (another lab runs): nothing of ours is up
+            return
         old = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
         try:
             for proc in reversed(self.procs):  # nodes first, captures last: they see the end

@@ -80,8 +80,12 @@ class LabCLI(CLI):  # type: ignore[misc]
             except (NodeError, OSError) as exc:
                 self.stdout.write(f"{name:9} error: {exc}\n")
                 continue
-            parts = [f"{k}={len(st[k])}" for k in ("registrations", "calls", "sessions")
+            parts = [f"{k}={len(st[k])}" for k in ("registrations", "calls", "sessions",
+                                                   "registered", "addresses")
                      if isinstance(st.get(k), dict)]
+            if "active" in st:
+                parts.insert(0, f"on {st['active']}" + ("" if st.get("registered")
+                                                        else " (not registered)"))
             self.stdout.write(f"{name:9} {' '.join(parts)}\n")
 
     def do_fault(self, line: str) -> None:
@@ -93,11 +97,11 @@ class LabCLI(CLI):  # type: ignore[misc]
             if words == ["list"]:
                 self._out(faults.faults())
             elif words[:1] == ["restore"] and len(words) <= 2:
-                if len(words) == 2:
-                    faults.restore(int(words[1]))
-                else:
+                done = [faults.restore(int(words[1]))] if len(words) == 2 else \
                     faults.restore_all()
-                self.stdout.write("restored\n")
+                what = ", ".join(f"#{f['id']} {f['kind']} on {f['switch']}/{f['port']}"
+                                 for f in done)
+                self.stdout.write(f"restored {len(done)} fault(s){': ' + what if what else ''}\n")
             elif len(words) == 3:
                 self._out(faults.inject(*words))
             else:

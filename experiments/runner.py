@@ -76,17 +76,21 @@ def run_probe(args: argparse.Namespace) -> int:
                 lab.faults.restore(active.pop(plan))
                 lab.say(f"t={at:g}s restored {plan.switch}/{plan.port}")
         time.sleep(max(0.0, t0 + args.seconds - time.monotonic()))
-    print_probe_summary(a1_log, b1_log)
-    print(f"results in {lab.run_dir}")
+    summary = probe_summary(a1_log, b1_log)
+    assert lab.run_dir is not None
+    (lab.run_dir / "probe-summary.txt").write_text("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    print(f"results in {lab.run_dir} (this table: probe-summary.txt)")
     return 0
 
 
 LATE_MS = 100.0  # a probe this much later than sent was held somewhere (a queue at a downed port)
 
 
-def print_probe_summary(a1_log: Path, b1_log: Path) -> None:
-    """Per path: sent, received at b1, echoed back; and how many arrived late (a port that
-    goes down queues what is sent to it and delivers it at restore), with the worst delay."""
+def probe_summary(a1_log: Path, b1_log: Path) -> list[str]:
+    """Per path: sent, received at b1, lost, echoed back; and how many arrived late (a port
+    that goes down queues what is sent to it and delivers it at restore), with the worst
+    delay."""
     rx = [r for r in read_jsonl(b1_log) if r.get("event") == "rx"]
     received = Counter(r["path"] for r in rx)
     echoed = Counter(r["path"] for r in read_jsonl(a1_log) if r.get("event") == "echo-rx")
@@ -94,14 +98,17 @@ def print_probe_summary(a1_log: Path, b1_log: Path) -> None:
     delays: dict[str, list[float]] = {}
     for r in rx:
         delays.setdefault(r["path"], []).append((r["t_ns"] - r["sent_ns"]) / 1e6)
-    print(f"{'path':6} {'sent':>6} {'at b1':>6} {'echoed':>6} {'late':>6} {'max delay':>10}")
+    lines = [f"{'path':6} {'sent':>6} {'at b1':>6} {'lost':>6} {'echoed':>6} {'late':>6} "
+             f"{'max delay':>10}"]
     for path in sorted(sent):
         ds = delays.get(path, [])
         late = sum(1 for d in ds if d > LATE_MS)
         worst = f"{max(ds):.1f} ms" if ds else "–"
-        print(f"{path:6} {sent[path]:6d} {received[path]:6d} {echoed[path]:6d} {late:6d} "
-              f"{worst:>10}")
-    print(f"late: received more than {LATE_MS:g} ms after sending")
+        lost = max(0, sent[path] - received[path])
+        lines.append(f"{path:6} {sent[path]:6d} {received[path]:6d} {lost:6d} {echoed[path]:6d} "
+                     f"{late:6d} {worst:>10}")
+    lines.append(f"late: received more than {LATE_MS:g} ms after sending")
+    return lines
 
 
 def run_cli(args: argparse.Namespace) -> int:

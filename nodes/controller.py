@@ -238,7 +238,8 @@ class LabController(app_manager.RyuApp):
 
     def inject(self, switch: str, port_ref: str | int, kind: str) -> Fault:
         if kind not in FAULT_KINDS:
-            raise FaultError(400, f"unknown fault kind {kind!r} (expected one of {FAULT_KINDS})")
+            raise FaultError(400, f"unknown fault kind {kind!r} (expected "
+                                  f"{' or '.join(FAULT_KINDS)})")
         sw = self.switch_by_name(switch)
         port = sw.find_port(port_ref)
         if port is None:

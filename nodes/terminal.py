@@ -169,7 +169,9 @@ class Terminal(TerminalRegistration, TerminalCalls):
     def status(self) -> dict[str, Any]:
         return {
             "name": self.name, "aor": self.aor, "registered": self.registered,
-            "mode": self.mode,
+            "mode": self.mode, "interfaces": dict(self.interfaces),
+            "active": next((n for n, ip in self.interfaces.items() if ip == self.active_ip),
+                           self.active_ip),
             "ipsec": self.ipsec.describe() if self.ipsec else None,
             "calls": {cid: {"state": d.state.value, "peer": str(d.remote_uri.uri),
                             "media": self.media[cid].status() if cid in self.media else None}

@@ -120,7 +120,8 @@ def test_lab_cli_drives_nodes_and_faults(lab: Lab, tmp_path: Path) -> None:
     script.write_text("node a1 register\nnode b1 register\n"
                       "node a1 message to=b1 text=from-the-cli\n"
                       "node a1 call to=5\nnode zz status\nnodes\n"
-                      "fault wlan wlan-a1 blackhole\nfault list\nfault restore\nfault melt\n")
+                      "fault wlan wlan-a1 blackhole\nfault list\nfault restore\nfault melt\n"
+                      "node a1 message to=b1 to=b2 text=x\n")
     out = io.StringIO()
     with open(os.devnull) as stdin:  # Mininet polls its stdin, even in batch mode
         LabCLI(lab, stdin=stdin, script=str(script), stdout=out)
@@ -129,6 +130,8 @@ def test_lab_cli_drives_nodes_and_faults(lab: Lab, tmp_path: Path) -> None:
     assert node(lab, "b1")("status")["messages"][-1]["text"] == "from-the-cli"
     assert "error: call: parameter 'to' must be str, got int" in text
     assert "no node 'zz'" in text and "proxy" in text
-    assert '"kind": "blackhole"' in text and "restored" in text
+    assert '"kind": "blackhole"' in text
+    assert "restored 1 fault(s): #" in text and "blackhole on wlan/wlan-a1" in text
+    assert "error: to given twice" in text
     assert "usage: fault SWITCH PORT" in text
     assert lab.faults is not None and lab.faults.faults() == []

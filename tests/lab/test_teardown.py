@@ -116,11 +116,14 @@ def test_sigkill_leaves_only_bridges_and_the_next_lab_removes_them() -> None:
     assert new_since(before) == {}
 
 
-def test_a_second_lab_is_refused_and_the_first_keeps_running() -> None:
+def test_a_second_lab_is_refused_and_the_first_keeps_running(
+        capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot()
     with Lab(name="test-first", capture=False) as first:
+        capsys.readouterr()
         with pytest.raises(LabError, match="another smig-lab lab is running"):
             Lab(name="test-second", capture=False).__enter__()
+        assert "lab is down" not in capsys.readouterr().out  # the first one is not
         assert {"core", "lte", "netb", "wlan"} <= snapshot()["bridges"]
         assert first.faults is not None and len(first.faults.switches()) == 4
     assert new_since(before) == {}

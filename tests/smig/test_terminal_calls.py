@@ -269,7 +269,7 @@ def test_a_call_after_a_link_switch_takes_its_media_on_the_active_interface(
                                                   "a1-lte": second})
         b1 = await net.terminal("b1")
         assert (await a1.register(via="a1-lte"))["status"] == 200
-        assert a1.active_ip == second
+        assert a1.active_ip == second and a1.status()["active"] == "a1-lte"
         cid = (await a1.call("b1"))["call_id"]
         await until(lambda: cid in b1.media, "b1's media session")
         assert b1.media[cid].status()["remote"].startswith(second + ":")
