@@ -209,3 +209,16 @@ def test_failed_trials_are_counted_apart_and_listed() -> None:
                      "problems": []})
     assert "| link-planned | proposed | 0 (+1 failed) |" in text and "boom" in text
     assert "None" not in text
+
+
+def test_table_rows_in_the_experiments_order_whatever_order_trials_ran_in() -> None:
+    rows = [{"scenario": s, "method": m, "family": "x", "ok": True}
+            for s, m in [("terminal-switch", "renegotiate"), ("link-planned-rtt20", "proposed"),
+                         ("link-blackhole", "reinvite"), ("link-planned", "reinvite"),
+                         ("link-planned", "proposed"), ("terminal-switch", "reuse"),
+                         ("link-planned-rtt100", "proposed")]]
+    assert [(a["scenario"], a["method"]) for a in aggregate(rows)] == [
+        ("link-planned", "proposed"), ("link-planned", "reinvite"),
+        ("link-planned-rtt20", "proposed"), ("link-planned-rtt100", "proposed"),
+        ("link-blackhole", "reinvite"), ("terminal-switch", "reuse"),
+        ("terminal-switch", "renegotiate")]
