@@ -156,6 +156,21 @@ def lab_link_names() -> set[str]:
     return names
 
 
+def ovs_bridges(check: bool = False) -> set[str]:
+    """The OVS bridges on this machine (`check`: an unreachable OVS is an error, not none)."""
+    return set(subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
+                              text=True, check=check).stdout.split())
+
+
+def delete_bridges(names: list[str]) -> list[str]:
+    """Delete those of `names` that exist; returns the ones deleted."""
+    existing = ovs_bridges()
+    gone = [br for br in names if br in existing]
+    for br in gone:
+        subprocess.run(["ovs-vsctl", "--timeout=5", "--if-exists", "del-br", br], check=False)
+    return gone
+
+
 def stale_runs(captures: Path = CAPTURES) -> list[Path]:
     """Run folders whose lab never stopped and whose runner is gone (killed with SIGKILL, or
     the machine's OOM killer): what they created may still be there, and is theirs."""
@@ -177,14 +192,7 @@ def clean_stale_run(run_dir: Path, say: Callable[[str], None]) -> list[str]:
     stopped; returns what was removed. Its processes died with it (PR_SET_PDEATHSIG)."""
     manifest = run_dir / "manifest.json"
     m = json.loads(manifest.read_text())
-    removed = []
-    bridges = set(subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
-                                 text=True, check=False).stdout.split())
-    for br in m.get("bridges", []):
-        if br in bridges:
-            subprocess.run(["ovs-vsctl", "--timeout=5", "--if-exists", "del-br", br],
-                           check=False)
-            removed.append(f"bridge {br}")
+    removed = [f"bridge {br}" for br in delete_bridges(m.get("bridges", []))]
     for link in m.get("links", []):
         if Path(f"/sys/class/net/{link}").exists():
             subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
@@ -328,11 +336,7 @@ class Lab:
     # -- pieces of start() ----------------------------------------------------------------------
     def _refuse_foreign(self, check_links: bool) -> None:
         """Another lab's bridges (or, before we build ours, its links) mean: not here."""
-        existing = set(
-            subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
-                           text=True, check=True).stdout.split()
-        )
-        clash = sorted(existing & set(M2M_NETWORKS))
+        clash = sorted(ovs_bridges(check=True) & set(M2M_NETWORKS))
         if clash:
             raise LabError(
                 f"OVS bridge(s) {', '.join(clash)} already exist: another lab is running, or a "
@@ -564,14 +568,7 @@ class Lab:
     # -- bookkeeping ------------------------------------------------------------------------------
     def _delete_leftover_bridges(self) -> None:
         """net.stop() deletes our bridges; if it died half-way, delete the ones we made."""
-        if not self._created_bridges:
-            return
-        existing = subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
-                                  text=True, check=False).stdout.split()
-        for br in self._created_bridges:
-            if br in existing:
-                subprocess.run(["ovs-vsctl", "--timeout=5", "--if-exists", "del-br", br],
-                               check=False)
+        delete_bridges(self._created_bridges)
 
     def _manifest(self, stopped: bool) -> dict[str, Any]:
         return {
