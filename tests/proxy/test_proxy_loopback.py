@@ -10,7 +10,7 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -27,6 +27,14 @@ from nodes.terminal import Terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TimerConfig(t1=0.02, timer_d=0.1)
+
+
+class ProxyNet(Protocol):
+    proxy: Proxy
+    terms: dict[str, Terminal]
+
+
+N = TypeVar("N", bound=ProxyNet)
 
 
 def free_port(host: str) -> int:
@@ -58,10 +66,11 @@ async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> No
         await asyncio.sleep(0.01)
 
 
-def run(scenario: Callable[[Net], Awaitable[None]], tmp: Path,
-        config: LabConfig | None = None) -> None:
+def drive(make_net: Callable[[], N], scenario: Callable[[N], Awaitable[None]]) -> None:
+    """Make a net (a proxy and its terminals) in a new event loop, start its proxy, run the
+    scenario, and close its terminals and proxy whatever happens."""
     async def main() -> None:
-        net = Net(tmp, config or LabConfig.load(ROOT / "config" / "lab.json"))
+        net = make_net()
         await net.proxy.start()
         try:
             await scenario(net)
@@ -71,6 +80,11 @@ def run(scenario: Callable[[Net], Awaitable[None]], tmp: Path,
             await net.proxy.close()
 
     asyncio.run(main())
+
+
+def run(scenario: Callable[[Net], Awaitable[None]], tmp: Path,
+        config: LabConfig | None = None) -> None:
+    drive(lambda: Net(tmp, config or LabConfig.load(ROOT / "config" / "lab.json")), scenario)
 
 
 def test_register_call_bye_message(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from nodes.sip.transport import UdpTransport
 from nodes.terminal import Terminal
 from tests.fakeipsec import MemoryBackend, memory_ipsec
 from tests.proxy.rawsip import RawSip, branch
-from tests.proxy.test_proxy_loopback import ROOT, T, free_port, until
+from tests.proxy.test_proxy_loopback import ROOT, T, drive, free_port, until
 from tests.proxy.test_proxy_policy import CONFIG, D
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,17 +68,7 @@ class SecureNet:
 
 
 def run(scenario: Callable[[SecureNet], Awaitable[None]], tmp: Path) -> None:
-    async def main() -> None:
-        net = SecureNet(tmp)
-        await net.proxy.start()
-        try:
-            await scenario(net)
-        finally:
-            for term in net.terms.values():
-                await term.close()
-            await net.proxy.close()
-
-    asyncio.run(main())
+    drive(lambda: SecureNet(tmp), scenario)
 
 
 def security_client(spi_c: int, spi_s: int, port_c: int, port_s: int) -> str:
