@@ -157,9 +157,13 @@ def lab_link_names() -> set[str]:
 
 
 def ovs_bridges(check: bool = False) -> set[str]:
-    """The OVS bridges on this machine (`check`: an unreachable OVS is an error, not none)."""
-    return set(subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True,
-                              text=True, check=check).stdout.split())
+    """The OVS bridges on this machine (`check`: an unreachable OVS is a LabError, not none)."""
+    out = subprocess.run(["ovs-vsctl", "--timeout=5", "list-br"], capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise LabError(f"Open vSwitch is not answering ({out.stderr.strip() or 'ovs-vsctl failed'})"
+                       "; start it with 'make setup' or "
+                       "'/usr/share/openvswitch/scripts/ovs-ctl start'")
+    return set(out.stdout.split())
 
 
 def delete_bridges(names: list[str]) -> list[str]:

@@ -64,9 +64,9 @@ class NodeIpsec:
                 self._sas[(sa.dst, sa.spi)] = sa
                 if self._esp_sa is not None:
                     self._esp_sa.add(sa)
-            added_pols = list(policies)  # remove() takes what was never added in its stride
-            self._add_policies(added_pols)
+            self._add_policies(list(policies), added_pols)
         except Exception:
+            # Only what this call added: a policy refused as a duplicate is someone else's.
             self.remove(added_sas, added_pols)
             raise
 
@@ -86,18 +86,27 @@ class NodeIpsec:
             self._sas.pop((sa.dst, sa.spi), None)
 
     def add_policies(self, policies: Iterable[Policy]) -> None:
-        self._add_policies(list(policies))
+        """All or nothing, like install()."""
+        added: list[Policy] = []
+        try:
+            self._add_policies(list(policies), added)
+        except Exception:
+            self.remove([], added)
+            raise
 
-    def _add_policies(self, pols: list[Policy]) -> None:
-        """All at once where the backend can (the userspace engine: one nft update)."""
+    def _add_policies(self, pols: list[Policy], added: list[Policy]) -> None:
+        """All at once where the backend can (the userspace engine: one nft update, all or
+        nothing), else one by one; `added` collects what went in, for the caller's rollback."""
         batch = getattr(self.backend, "add_policies", None)
-        if batch is not None and len(pols) > 1:
-            batch(pols)
-        else:
-            for pol in pols:
-                self.backend.add_policy(pol)
-        for pol in pols:
-            self._policies[(pol.selector, pol.direction.value)] = pol
+        steps = [pols] if batch is not None and len(pols) > 1 else [[p] for p in pols]
+        for step in steps:
+            if len(step) > 1:
+                batch(step)
+            else:
+                self.backend.add_policy(step[0])
+            for pol in step:
+                self._policies[(pol.selector, pol.direction.value)] = pol
+            added += step
 
     def update_policies(self, policies: Iterable[Policy]) -> None:
         """Point policies at new SAs, each replaced in one step (rekey, Fig 3 step 9)."""

@@ -18,6 +18,7 @@ from topologies.m2m import address
 pytestmark = pytest.mark.lab
 
 LTE = address("a1", "lte")
+B1 = address("b1", "netb")
 
 
 def arrivals_from(run_dir: Path, node: str, src: str, since_ns: int) -> int:
@@ -46,6 +47,9 @@ def test_analyze_a_planned_link_switch() -> None:
         assert a1("link_switch", via="a1-lte")["method"] == "proposed"
         wait_until(lambda: arrivals_from(run, "b1", LTE, t_trigger) > 25, 10,
                    "media from lte at b1")
+        # Both receivers must have voice after the switch, however slow b1 is to follow it.
+        wait_until(lambda: arrivals_from(run, "a1", B1, t_trigger) > 25, 10,
+                   "media from b1 at a1 after the switch")
         t_end = time.time_ns()
         for name in ("a1", "b1"):
             for call in list(lab.nodes[name]("status")["calls"]):
@@ -56,7 +60,7 @@ def test_analyze_a_planned_link_switch() -> None:
              "t_end_ns": t_end, "mover": "a1", "peer": "b1", "old": {"a": "a1", "b": "b1"},
              "new": {"a": "a1", "b": "b1"},
              "addresses": {"a1": address("a1", "wlan"), "a1_new": LTE,
-                           "b1": address("b1", "netb"), "a2": address("a2", "wlan"),
+                           "b1": B1, "a2": address("a2", "wlan"),
                            "b2": address("b2", "netb")}, "ok": True, "error": None}
     failed = {"scenario": "link-planned", "method": "proposed", "trial": 2, "ok": False,
               "error": "made up for the test"}

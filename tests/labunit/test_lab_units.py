@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +97,16 @@ def test_topology_shape() -> None:
     assert address("a1", "lte") == "10.0.2.10"
     with pytest.raises(KeyError, match="no interface on 'lte'"):
         address("b1", "lte")
+
+
+def test_ovs_not_answering_is_one_clear_lab_error(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "ovs-vsctl"
+    fake.write_text("#!/bin/sh\necho 'ovs-vsctl: database connection failed' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    from experiments.lab import LabError, ovs_bridges
+    assert ovs_bridges() == set()  # the teardown's listing: nothing to delete
+    with pytest.raises(LabError, match=r"Open vSwitch is not answering \(ovs-vsctl: database "
+                                       r"connection failed\); start it with 'make setup'"):
+        ovs_bridges(check=True)
