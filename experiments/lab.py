@@ -35,6 +35,7 @@ from experiments.capabilities import Capabilities, probe
 from experiments.console import STOP_SIGNALS
 from experiments.control import NodeControl
 from experiments.faults import FaultClient
+from experiments.pcaps import capture_shortfall
 from topologies.m2m import ACCESS_NETWORKS, M2M_HOSTS, M2M_NETWORKS, M2MTopo, address
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -267,6 +268,7 @@ class Lab:
         self.procs: list[Proc] = []
         self.nodes: dict[str, NodeControl] = {}
         self.pcaps: dict[str, Path] = {}
+        self.incomplete_captures: dict[str, str] = {}  # interface: what its pcap misses
         self._controller: Proc | None = None
         self._created_bridges: list[str] = []
         self._lock = MachineLock()
@@ -320,6 +322,7 @@ class Lab:
                 code = proc.stop()
                 if code not in (0, -signal.SIGTERM, None):
                     self.say(f"{proc.name} exited with {code} (log: logs/{proc.name}.log)")
+            self._check_captures()
             if self.net is not None:
                 with contextlib.suppress(Exception):
                     self.net.stop()
@@ -444,8 +447,10 @@ class Lab:
                 if intf == "lo":
                     continue
                 pcap = self.run_dir / "pcaps" / f"{intf}.pcap"
-                self.popen(host.name, ["tcpdump", "-i", intf, "-n", "-U", "-Z", "root",
-                                       "-w", str(pcap)], name=f"tcpdump-{intf}")
+                # Immediate mode: libpcap otherwise holds packets in its ring for up to a
+                # second, and those still there when tcpdump is stopped never reach the pcap.
+                self.popen(host.name, ["tcpdump", "-i", intf, "-n", "-U", "--immediate-mode",
+                                       "-Z", "root", "-w", str(pcap)], name=f"tcpdump-{intf}")
                 self.pcaps[intf] = pcap
         # tcpdump writes the pcap header once it is listening.
         wait_until(lambda: all(p.exists() and p.stat().st_size >= 24
@@ -574,6 +579,17 @@ class Lab:
         """net.stop() deletes our bridges; if it died half-way, delete the ones we made."""
         delete_bridges(self._created_bridges)
 
+    def _check_captures(self) -> None:
+        """A pcap that misses packets tcpdump received would skew the analysis: say which, in
+        the console and the manifest."""
+        assert self.run_dir is not None
+        for intf in self.pcaps:
+            log = self.run_dir / "logs" / f"tcpdump-{intf}.log"
+            short = capture_shortfall(log.read_text(errors="replace")) if log.exists() else None
+            if short is not None:
+                self.incomplete_captures[intf] = short
+                self.say(f"capture {intf} is incomplete: {short}")
+
     def _manifest(self, stopped: bool) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -583,6 +599,7 @@ class Lab:
             "controller_pid": self._controller.popen.pid if self._controller else None,
             "processes": {p.name: p.popen.pid for p in self.procs},
             "stopped": stopped,
+            "incomplete_captures": self.incomplete_captures,
         }
 
     def _write_json(self, name: str, data: Any) -> None:

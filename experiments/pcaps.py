@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -60,3 +61,21 @@ def sip_messages(pcap: Path, extra: list[str] | None = None,
             "cseq_method": one("sip.CSeq.method"), "body": body, "esp": bool(f.get("esp.spi")),
         })
     return messages
+
+
+_TCPDUMP_STATS = re.compile(r"^(\d+) packets? (captured|received by filter|dropped by kernel)$",
+                            re.MULTILINE)
+
+
+def capture_shortfall(tcpdump_log: str) -> str | None:
+    """What a stopped tcpdump says it did not write (its closing statistics), or None when it
+    wrote every packet it received. A capture without statistics was killed: say so."""
+    stats = {kind: int(n) for n, kind in _TCPDUMP_STATS.findall(tcpdump_log)}
+    if "captured" not in stats:
+        return "no closing statistics (tcpdump was killed)"
+    missing = stats.get("received by filter", 0) - stats["captured"]
+    dropped = stats.get("dropped by kernel", 0)
+    if missing <= 0 and dropped == 0:
+        return None
+    return (f"{stats['captured']} of {stats.get('received by filter', 0)} packets written, "
+            f"{dropped} dropped by the kernel")

@@ -384,8 +384,8 @@ def test_nested_link_switch_body_is_400_and_leaves_no_sa(lab: Lab, registered: N
 
 def test_register_flood_from_one_host_is_bounded(lab: Lab, registered: None) -> None:
     """400 Security-Client REGISTERs from b2: a few pending associations at most, all along
-    (a new one replaces the oldest), so a terminal's registration and the status stay fast
-    while the flood lasts."""
+    (a new one replaces the oldest), and a terminal still registers while the flood lasts.
+    (How fast the proxy stays under the flood is a speed: `make bench`, not a test.)"""
     proxy = node(lab, "proxy")
     b2 = address("b2", "netb")
     start = proxy("status")
@@ -394,23 +394,19 @@ def test_register_flood_from_one_host_is_bounded(lab: Lab, registered: None) -> 
     script = lab.run_dir / "flood.py"
     script.write_text(FLOOD)
     lab.host("b2").cmd(f"{python()} {script} {b2} {PROXY} 400 >/dev/null 2>&1 &")
-    most_pending, most_sas, slowest, a1_took = 0, 0, 0.0, None
+    most_pending, most_sas, a1_registered = 0, 0, False
     deadline = time.monotonic() + 60
     while True:
-        t0 = time.monotonic()
         status = proxy("status")
-        slowest = max(slowest, time.monotonic() - t0)
         most_pending = max(most_pending, status["pending"])
         most_sas = max(most_sas, len(sas_between(status, b2)) - channel_sas)
-        if a1_took is None:  # once, while the flood runs
-            t0 = time.monotonic()
+        if not a1_registered:  # once, while the flood runs
             assert node(lab, "a1")("register")["status"] == 200  # a fresh channel for a1
-            a1_took = time.monotonic() - t0
+            a1_registered = True
         if status["counters"].get("rx-REGISTER", 0) >= before + 400 + 2:
             break
         assert time.monotonic() < deadline, "the flood took over a minute"
         time.sleep(0.1)
     assert most_pending <= 4 and most_sas <= 16, (most_pending, most_sas)
-    assert slowest < 1.0 and a1_took < 3.0, (slowest, a1_took)
     wait_until(lambda: len(sas_between(proxy("status"), b2)) == channel_sas, 20,
                "b2's pending SAs to go")

@@ -110,3 +110,29 @@ def test_ovs_not_answering_is_one_clear_lab_error(tmp_path: Path,
     with pytest.raises(LabError, match=r"Open vSwitch is not answering \(ovs-vsctl: database "
                                        r"connection failed\); start it with 'make setup'"):
         ovs_bridges(check=True)
+
+
+@pytest.mark.parametrize(
+    ("log", "short"),
+    [
+        ("tcpdump: listening on b1-netb\n155 packets captured\n155 packets received by filter\n"
+         "0 packets dropped by kernel\n", None),
+        ("116 packets captured\n155 packets received by filter\n0 packets dropped by kernel\n",
+         "116 of 155 packets written, 0 dropped by the kernel"),
+        ("1 packet captured\n1 packet received by filter\n3 packets dropped by kernel\n",
+         "1 of 1 packets written, 3 dropped by the kernel"),
+        ("tcpdump: listening on b1-netb\n", "no closing statistics (tcpdump was killed)"),
+    ],
+)
+def test_capture_shortfall_from_tcpdump_statistics(log: str, short: str | None) -> None:
+    from experiments.pcaps import capture_shortfall
+    assert capture_shortfall(log) == short
+
+
+def test_incomplete_captures_from_the_manifest(tmp_path: Path) -> None:
+    from experiments.analysis import incomplete_captures
+    assert incomplete_captures(tmp_path) == []  # no manifest: nothing to say
+    (tmp_path / "manifest.json").write_text('{"incomplete_captures": {"b1-netb": "116 of 155"}}')
+    assert incomplete_captures(tmp_path) == ["capture b1-netb is incomplete: 116 of 155"]
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    assert incomplete_captures(tmp_path) == []

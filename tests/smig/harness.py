@@ -50,8 +50,8 @@ class Net:
     .21 on. `mode`: open or ipsec-m2ms."""
 
     def __init__(self, tmp: Path, mode: str = "open", servers: bool = False,
-                 users: dict[str, Any] | None = None) -> None:
-        self.tmp, self.mode = tmp, mode
+                 users: dict[str, Any] | None = None, timers: TimerConfig = T) -> None:
+        self.tmp, self.mode, self.timers = tmp, mode, timers
         self.base = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}"
         self.config_data: dict[str, Any] = {
             "domain": "m2m.example",
@@ -64,11 +64,11 @@ class Net:
         self.config = LabConfig.from_dict(self.config_data)
         self.creds = Credentials.load(CREDENTIALS)
         self.backends: dict[str, MemoryBackend] = {}
-        self.proxy = Proxy(self.config, self.ip(10), 5060, mode, self.events("proxy"), T,
+        self.proxy = Proxy(self.config, self.ip(10), 5060, mode, self.events("proxy"), timers,
                            creds=self.creds if mode == "ipsec-m2ms" else None,
                            ipsec=self._ipsec("proxy"), notify=servers)
-        self.servers = [SessionManager(self.config, self.events("sms"), T),
-                        Presence(self.config, self.events("presence"), T)] if servers else []
+        self.servers = [SessionManager(self.config, self.events("sms"), timers),
+                        Presence(self.config, self.events("presence"), timers)] if servers else []
         self.terms: dict[str, Terminal] = {}
         self._next = 21
 
@@ -93,8 +93,8 @@ class Net:
         ip = self.ip(self._next)
         self._next += 1
         term = Terminal(name, self.config, ip, (self.ip(10), 5060), 5060, self.events(name),
-                        T, mode=self.mode, psk=self.creds.psk(name), ipsec=self._ipsec(name),
-                        **kw)
+                        self.timers, mode=self.mode, psk=self.creds.psk(name),
+                        ipsec=self._ipsec(name), **kw)
         await term.start()
         self.terms[name] = term
         if register:
@@ -110,9 +110,9 @@ class Net:
 
 
 def run(scenario: Callable[[Net], Awaitable[None]], tmp: Path, mode: str = "open",
-        servers: bool = False) -> None:
+        servers: bool = False, timers: TimerConfig = T) -> None:
     async def main() -> None:
-        net = Net(tmp, mode, servers)
+        net = Net(tmp, mode, servers, timers=timers)
         await net.start()
         try:
             await scenario(net)
