@@ -49,15 +49,6 @@ def probe(lab: Lab) -> Probe:
     return p
 
 
-@pytest.fixture
-def faults(lab: Lab) -> Iterator[FaultClient]:
-    assert lab.faults is not None
-    try:
-        yield lab.faults
-    finally:
-        lab.faults.restore_all()
-
-
 def carrier(lab: Lab, host: str, intf: str) -> str:
     return lab.host(host).cmd(f"cat /sys/class/net/{intf}/carrier").strip()
 

@@ -34,15 +34,6 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-@pytest.fixture
-def faults(lab: Lab) -> Iterator[FaultClient]:
-    assert lab.faults is not None
-    try:
-        yield lab.faults
-    finally:
-        lab.faults.restore_all()
-
-
 def n(lab: Lab, name: str) -> NodeControl:
     return lab.nodes[name]
 
