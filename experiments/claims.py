@@ -6,32 +6,46 @@
 (c) make-before-break (planned link switch, proposed method) loses no media.
 
 A comparison looks at both the medians and the trials paired by number (trial k of one method
-against trial k of the other: they ran in the same round, on the same machine state). It
-*holds* when the median favours the claim and so do most pairs, *does not hold* when both go
-against it, and is *inconclusive* otherwise: when they disagree, when the medians differ by
-no more than the noise (`TIME_TOLERANCE_MS` or `TIME_TOLERANCE` of the larger), or, for
-times, with fewer than `MIN_TIME_PAIRS` pairs — machines are noisy and one trial says little.
+against trial k of the other: they ran in the same round, on the same machine state). For a
+time it *holds* when the median favours the claim and so many pairs do that chance alone would
+rarely give as many (a one-sided sign test over the pairs, p <= `SIGNIFICANCE`), *does not hold*
+when both go against it just as clearly, and is *inconclusive* otherwise: when the medians
+differ by no more than the noise (`TIME_TOLERANCE_MS` or `TIME_TOLERANCE` of the larger), when
+medians and pairs disagree, when the pairs could be chance, or with fewer than `MIN_TIME_PAIRS`
+pairs (below that not even a clean sweep could be told from chance). Why a test and not "most
+pairs": a switch ends at the first RTP on the new path, and voice goes every 20 ms, so each time
+carries up to 20 ms of send-phase luck; 4 of 5 pairs happens by chance 19 % of the time.
 Message counts are a property of the procedure, so one pair is enough for them and any
-difference counts. Times of the link switch are compared after detection (*switch*: the
-terminal's trigger to the first RTP on the new path): detection is the same for every method.
-A claim with parts holds when every measured part holds, does not hold when one part does
-not, and is inconclusive otherwise.
+difference counts (the median and most pairs decide). Times of the link switch are compared
+after detection (*switch*: the terminal's trigger to the first RTP on the new path): detection
+is the same for every method. A claim with parts holds when every measured part holds, does
+not hold when one part does not, and is inconclusive otherwise.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
 LINK_SCENARIOS = ("link-planned", "link-carrier-loss", "link-blackhole")
-MIN_TIME_PAIRS = 3
+SIGNIFICANCE = 0.05
 MIN_LOSS_TRIALS = 3  # "loses no media" needs a few lossless trials; one loss disproves it
 TIME_TOLERANCE_MS = 1.0
 TIME_TOLERANCE = 0.03
 VOICE_INTERVAL_MS = 20  # a voice RTP packet every 20 ms: a gap near it is no gap at all
 
 Result = dict[str, Any]
+
+
+def sign_p(k: int, n: int) -> float:
+    """The one-sided sign test: how likely at least `k` of `n` pairs favour one side by chance."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
+# The fewest pairs whose clean sweep a sign test tells from chance (5 at p <= 0.05).
+MIN_TIME_PAIRS = next(n for n in range(1, 64) if sign_p(n, n) <= SIGNIFICANCE)
 
 
 def _values(results: Sequence[Result], scenario: str, method: str, key: str
@@ -57,19 +71,31 @@ def compare(results: Sequence[Result], scenario: str, better: str, worse: str, k
         return {**out, "verdict": "not measured", "why": f"no ok trials of {' or '.join(missing)}"}
     pairs = sorted(set(a) & set(b))
     wins = sum(1 for t in pairs if a[t] < b[t])
+    losses = sum(1 for t in pairs if a[t] > b[t])
     med_a, med_b = statistics.median(a.values()), statistics.median(b.values())
     out.update(medians=[med_a, med_b], pairs=len(pairs), wins=wins)
+    if timed:
+        # Ties say nothing either way: the sign test leaves them out.
+        out["p"] = sign_p(wins if med_a < med_b else losses, wins + losses)
     noise = max(TIME_TOLERANCE_MS, TIME_TOLERANCE * max(med_a, med_b)) if timed else 0.0
+    # (a tie is no win: the same count of messages is not fewer)
+    favours = med_a < med_b and wins * 2 > len(pairs)
+    against = med_a >= med_b and wins * 2 < len(pairs)
     if len(pairs) < min_pairs:
         verdict, why = "inconclusive", f"{len(pairs)} trial pair(s); {min_pairs} needed"
     elif timed and abs(med_a - med_b) <= noise:
         verdict, why = "inconclusive", f"the medians differ by no more than {noise:.1f} {unit}"
-    elif med_a < med_b and wins * 2 > len(pairs):
-        verdict, why = "holds", ""
-    elif med_a >= med_b and wins * 2 < len(pairs):
-        verdict, why = "does not hold", ""
-    else:
+    elif not favours and not against:
         verdict, why = "inconclusive", "the medians and the trial pairs disagree"
+    elif timed and out["p"] > SIGNIFICANCE:
+        k, n = (wins if favours else losses), wins + losses
+        need = next(j for j in range(n + 2) if j > n or sign_p(j, n) <= SIGNIFICANCE)
+        verdict = "inconclusive"
+        why = (f"{k} of {n} pairs agree, which chance alone gives {out['p']:.0%} of the time "
+               f"(sign test; {need} of {n} would tell)" if need <= n else
+               f"{k} of {n} pairs agree, which chance alone gives {out['p']:.0%} of the time")
+    else:
+        verdict, why = ("holds" if favours else "does not hold"), ""
     return {**out, "verdict": verdict, "why": why}
 
 
@@ -151,18 +177,23 @@ def _check_text(c: dict[str, Any]) -> str:
     (a, b), unit = c["medians"], c["unit"]
     text = (f"{c['what']} {_num(a, unit)} vs {_num(b, unit)} (medians); lower in "
             f"{c['wins']} of {c['pairs']} trial pairs")
+    if "p" in c and c["verdict"] != "inconclusive":
+        text += f" (sign test p {c['p']:.2f})"
     return text + (f" — {c['why']}" if c.get("why") else "")
 
 
 def markdown(claim_set: dict[str, dict[str, Any]]) -> list[str]:
     """The claims section of results.md, as lines."""
     lines = ["## Claims", "",
-             "Each claim of the paper, with this run's verdict. *holds*: the medians and most "
-             "trial pairs agree with it; *inconclusive*: they disagree, differ by no more than "
-             f"the noise ({TIME_TOLERANCE_MS:g} ms or {TIME_TOLERANCE:.0%}), or there are "
-             f"fewer than {MIN_TIME_PAIRS} pairs for a time; *does not hold*: both go against "
-             "it; *not measured*: a method has no ok trial. A claim with parts holds when "
-             "every measured part does.", ""]
+             "Each claim of the paper, with this run's verdict. *holds*: the medians and the "
+             "trial pairs agree with it — for a time, so many pairs that chance alone would "
+             f"rarely give as many (one-sided sign test, p <= {SIGNIFICANCE:g}; a switch "
+             f"waits for the next voice packet, up to {VOICE_INTERVAL_MS} ms); "
+             "*inconclusive*: they disagree, the pairs could be chance, the medians differ by "
+             f"no more than the noise ({TIME_TOLERANCE_MS:g} ms or {TIME_TOLERANCE:.0%}), or "
+             f"there are fewer than {MIN_TIME_PAIRS} pairs for a time; *does not hold*: both "
+             "go against it as clearly; *not measured*: a method has no ok trial. A claim "
+             "with parts holds when every measured part does.", ""]
     a, b, c = claim_set["a"], claim_set["b"], claim_set["c"]
     lines.append(f"* **(a) {a['verdict']}** — claim: {a['claim']} ({a['scope']}).")
     for part in a["parts"]:

@@ -31,6 +31,7 @@ from typing import Any
 from experiments.console import guard
 from experiments.control import NodeControl, NodeError
 from experiments.lab import Lab, LabError, wait_until
+from nodes.mediasend import VoiceSender
 from topologies.m2m import address
 
 SCENARIOS: dict[str, tuple[str, str | None]] = {  # name -> (family, fault kind)
@@ -70,9 +71,10 @@ def plans(scenarios: list[str], trials: int, seed: int = 0) -> list[Plan]:
 
 
 class Runner:
-    def __init__(self, lab: Lab, say: Callable[[str], None]) -> None:
+    def __init__(self, lab: Lab, say: Callable[[str], None], seed: int = 0) -> None:
         self.lab = lab
         self.say = say
+        self.rng = random.Random(seed)
         assert lab.run_dir is not None
         self.trials_path = lab.run_dir / "trials.jsonl"
 
@@ -119,7 +121,12 @@ class Runner:
         wait_until(lambda: cid in self.node("sms")("status")["sessions"], 10, "the SMS")
         wait_until(lambda: self._rx("b1", cid) > 10 and self._rx("a1", cid) > 10, 10,
                    "media both ways")
-        time.sleep(PRE_S)
+        # A switch ends at the first voice packet on the new path, one every 20 ms: the trigger
+        # falls at a random phase of that clock, so that no method is lucky or unlucky by
+        # how its procedure time lines up with it (the media start fixes the phase otherwise).
+        jitter = self.rng.uniform(0.0, VoiceSender.frame_s)
+        record["phase_jitter_ms"] = round(jitter * 1000, 3)
+        time.sleep(PRE_S + jitter)
         return cid
 
     def _rx(self, name: str, cid: str) -> int:
@@ -219,7 +226,7 @@ def run_experiment(scenarios: list[str], trials: int, name: str = "experiment",
     current_rtt: int | None = None
     with Lab(name=name) as lab:
         assert lab.run_dir is not None
-        runner = Runner(lab, lab.say)
+        runner = Runner(lab, lab.say, seed)
         runner.setup(terminals)
         (lab.run_dir / "plan.json").write_text(json.dumps(
             {"scenarios": scenarios, "trials": trials, "planned": len(todo), "seed": seed,

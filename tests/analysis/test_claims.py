@@ -23,14 +23,38 @@ def link(scenario: str, proposed: list[float], baseline: list[float],
               for i, h in enumerate(baseline, 1))]
 
 
-def test_holds_when_median_and_most_pairs_agree() -> None:
-    c = compare(link("link-planned", [30, 29, 41], [38, 37, 36]), "link-planned", "proposed",
-                "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS, True)
-    assert (c["verdict"], c["medians"], c["pairs"], c["wins"]) == ("holds", [30, 37], 3, 2)
+def test_holds_when_median_and_the_pairs_agree_beyond_chance() -> None:
+    assert MIN_TIME_PAIRS == 5  # 1/32 <= 0.05 < 1/16
+    c = compare(link("link-planned", [30, 29, 33, 28, 31], [38, 37, 36, 39, 35]),
+                "link-planned", "proposed", "register-then-switch", "handover_ms", "handover",
+                "ms", MIN_TIME_PAIRS, True)
+    assert (c["verdict"], c["medians"], c["pairs"], c["wins"]) == ("holds", [30, 37], 5, 5)
+    assert c["p"] == 1 / 32
+    # Ties tell nothing: 5 wins and a tie is still 5 of 5 for the sign test.
+    tie = compare(link("link-planned", [30, 29, 33, 28, 31, 36], [38, 37, 36, 39, 35, 36]),
+                  "link-planned", "proposed", "register-then-switch", "handover_ms",
+                  "handover", "ms", MIN_TIME_PAIRS, True)
+    assert (tie["verdict"], tie["p"]) == ("holds", 1 / 32)
+
+
+def test_most_pairs_that_chance_could_give_are_inconclusive() -> None:
+    # Median and 4 of 5 pairs favour proposed: 6 in 32 by chance alone.
+    c = compare(link("link-planned", [30, 29, 41, 28, 31], [38, 37, 36, 39, 35]),
+                "link-planned", "proposed", "register-then-switch", "handover_ms", "handover",
+                "ms", MIN_TIME_PAIRS, True)
+    assert (c["verdict"], c["p"]) == ("inconclusive", 6 / 32)
+    assert c["why"] == ("4 of 5 pairs agree, which chance alone gives 19% of the time "
+                        "(sign test; 5 of 5 would tell)")
+    # The same against the claim is not "does not hold" either.
+    d = compare(link("link-planned", [38, 37, 36, 39, 32], [30, 29, 41, 28, 31]),
+                "link-planned", "proposed", "register-then-switch", "handover_ms", "handover",
+                "ms", MIN_TIME_PAIRS, True)
+    assert (d["verdict"], d["wins"], d["p"]) == ("inconclusive", 1, 6 / 32)
 
 
 def test_a_difference_within_the_noise_is_inconclusive() -> None:
-    c = compare(link("link-carrier-loss", [42.2, 41, 43], [42.0, 41.5, 43.5]), "link-carrier-loss",
+    c = compare(link("link-carrier-loss", [42.2, 41, 43, 40, 44], [42.0, 41.5, 43.5, 40.5, 44.5]),
+                "link-carrier-loss",
                 "proposed", "register-then-switch", "handover_ms", "handover", "ms",
                 MIN_TIME_PAIRS, True)
     assert (c["verdict"], c["why"]) == ("inconclusive",
@@ -38,9 +62,10 @@ def test_a_difference_within_the_noise_is_inconclusive() -> None:
 
 
 def test_does_not_hold_when_both_go_against() -> None:
-    c = compare(link("link-planned", [40, 41, 30], [38, 37, 36]), "link-planned", "proposed",
-                "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS, True)
-    assert c["verdict"] == "does not hold" and c["wins"] == 1
+    c = compare(link("link-planned", [40, 41, 39, 42, 43], [38, 37, 36, 39, 35]),
+                "link-planned", "proposed", "register-then-switch", "handover_ms", "handover",
+                "ms", MIN_TIME_PAIRS, True)
+    assert (c["verdict"], c["wins"], c["p"]) == ("does not hold", 0, 1 / 32)
 
 
 def test_inconclusive_when_median_and_pairs_disagree_or_too_few_pairs() -> None:
@@ -51,7 +76,7 @@ def test_inconclusive_when_median_and_pairs_disagree_or_too_few_pairs() -> None:
     assert (c["verdict"], c["why"]) == ("inconclusive", "the medians and the trial pairs disagree")
     one = compare(link("link-planned", [30], [40]), "link-planned", "proposed",
                   "register-then-switch", "handover_ms", "handover", "ms", MIN_TIME_PAIRS)
-    assert (one["verdict"], one["why"]) == ("inconclusive", "1 trial pair(s); 3 needed")
+    assert (one["verdict"], one["why"]) == ("inconclusive", "1 trial pair(s); 5 needed")
     # Counts are a property of the procedure: one pair decides.
     msgs = compare(link("link-planned", [30], [40]), "link-planned", "proposed",
                    "register-then-switch", "messages", "messages", "", 1)
@@ -59,15 +84,15 @@ def test_inconclusive_when_median_and_pairs_disagree_or_too_few_pairs() -> None:
 
 
 def test_claim_a_per_trigger_and_overall() -> None:
-    rows = [*link("link-planned", [30, 29, 31], [38, 37, 36]),
-            *link("link-blackhole", [430, 429, 440], [450, 455, 460])]
+    rows = [*link("link-planned", [30, 29, 31, 30, 28], [38, 37, 36, 39, 35]),
+            *link("link-blackhole", [430, 429, 440, 431, 428], [450, 455, 460, 452, 451])]
     a = claims(rows)["a"]
     assert {p["scenario"]: p["verdict"] for p in a["parts"]} == {
         "link-planned": "holds", "link-blackhole": "holds", "link-carrier-loss": "not measured"}
     assert a["verdict"] == "holds" and a["scope"] == "2 of 3 triggers measured"
     # Times after detection: a head start in detecting the fault is not the method's.
     late = [r("link-blackhole", m, i, 300 + d + 30, detection=300 + d)
-            for i, (m, d) in enumerate([("proposed", 0), ("register-then-switch", 20)] * 3)]
+            for i, (m, d) in enumerate([("proposed", 0), ("register-then-switch", 20)] * 5)]
     for i, row in enumerate(late):
         row["trial"] = i // 2 + 1
     part = claims(late)["a"]["parts"][2]
@@ -75,14 +100,16 @@ def test_claim_a_per_trigger_and_overall() -> None:
     # (the same message count is not fewer messages)
     assert [c["verdict"] for c in part["checks"]] == ["does not hold", "inconclusive"]
     # More messages fails the claim even when faster.
-    worse = claims(link("link-planned", [30, 29, 31], [38, 37, 36], msgs=(40, 36)))["a"]
+    worse = claims(link("link-planned", [30, 29, 31, 30, 28], [38, 37, 36, 39, 35],
+                        msgs=(40, 36)))["a"]
     assert worse["verdict"] == "does not hold"
 
 
 def test_claims_b_and_c_and_failed_trials() -> None:
-    rows = [r("terminal-switch", "reuse", i, h, gap=60) for i, h in enumerate([50, 49, 52], 1)]
+    rows = [r("terminal-switch", "reuse", i, h, gap=60)
+            for i, h in enumerate([50, 49, 52, 51, 48], 1)]
     rows += [r("terminal-switch", "renegotiate", i, h, gap=35)
-             for i, h in enumerate([80, 70, 90], 1)]
+             for i, h in enumerate([80, 70, 90, 75, 85], 1)]
     rows += [r("link-planned", "proposed", 1, 30, lost=0),
              r("link-planned", "proposed", 2, 30, lost=2),
              r("link-planned", "proposed", 3, 30, ok=False)]
@@ -113,11 +140,12 @@ def test_not_measured_everywhere_without_trials() -> None:
 
 
 def test_markdown_says_the_numbers() -> None:
-    rows = [*link("link-planned", [29.5, 30, 31], [37.5, 38, 36]),
-            *(r("link-planned", "proposed", i, 30, gap=26.4) for i in (4,))]
+    rows = [*link("link-planned", [29.5, 30, 31, 30, 29], [37.5, 38, 36, 39, 37]),
+            *(r("link-planned", "proposed", i, 30, gap=26.4) for i in (6,))]
     text = "\n".join(markdown(claims(rows)))
-    assert ("  * link-planned: holds — messages 32 vs 36 (medians); lower in 3 of 3 trial pairs; "
-            "switch 30 ms vs 37.5 ms (medians); lower in 3 of 3 trial pairs") in text
-    assert ("no packet lost (on the wire or at the applications) in 4 of 4 trials "
+    assert ("  * link-planned: holds — messages 32 vs 36 (medians); lower in 5 of 5 trial pairs; "
+            "switch 30 ms vs 37.5 ms (medians); lower in 5 of 5 trial pairs "
+            "(sign test p 0.03)") in text
+    assert ("no packet lost (on the wire or at the applications) in 6 of 6 trials "
             "(most lost in one: 0)") in text
     assert "largest media gap 25 ms (median; a voice packet every 20 ms)" in text
