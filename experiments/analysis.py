@@ -228,11 +228,19 @@ def split_retransmissions(msgs: Iterable[Sip]) -> tuple[list[Sip], list[Sip]]:
 def procedure_messages(msgs: Sequence[Sip], t0: int, t1: int, t_end: int,
                        related: Any = None) -> dict[str, Any]:
     """SIP messages of a procedure at one observation point: the requests sent in [t0, t1]
-    (that `related(msg)` accepts) and every response to them up to t_end."""
+    (that `related(msg)` accepts), every response to them up to t_end, and the ACK of each
+    INVITE among them up to t_end (an ACK to a 2xx is a transaction of its own, sent after
+    the 200 that may have ended [t0, t1]; it still belongs to the INVITE's exchange)."""
     ok = related or (lambda m: True)
     txns = {m.transaction() for m in msgs if m.is_request and t0 <= m.t_ns <= t1 and ok(m)}
-    chosen = [m for m in msgs if m.t_ns <= t_end and m.transaction() in txns
-              and (not m.is_request or t0 <= m.t_ns <= t1)]
+    acks = {(cid, n, "ACK") for cid, n, method in txns if method == "INVITE"}
+
+    def belongs(m: Sip) -> bool:
+        if m.transaction() in acks:
+            return t0 <= m.t_ns
+        return m.transaction() in txns and (not m.is_request or t0 <= m.t_ns <= t1)
+
+    chosen = [m for m in msgs if m.t_ns <= t_end and belongs(m)]
     first, again = split_retransmissions(chosen)
     return {"messages": len(first), "bytes": sum(m.size for m in first),
             "retransmissions": len(again), "retransmitted_bytes": sum(m.size for m in again),
@@ -438,6 +446,18 @@ def _smig_sent(trial: Trial, data: RunData, kind: str, t0: int, t1: int) -> list
     return sorted(found, key=lambda m: m.t_ns)
 
 
+def _message_rows(pm: dict[str, Any], trial: Trial, trig: int, rekey: bool = False
+                  ) -> list[dict[str, Any]]:
+    """The ladder's rows of `procedure_messages` output, in time order."""
+    names = node_names(trial)
+    again = {id(m) for m in pm["retransmitted"]}
+    return [{"t_ms": _ms(m.t_ns - trig), "src": names.get(m.src, m.src),
+             "dst": names.get(m.dst, m.dst), "src_ip": m.src, "dst_ip": m.dst,
+             "label": m.label, "bytes": m.size, "retransmission": id(m) in again,
+             **({"rekey": True} if rekey else {})}
+            for m in sorted(pm["first"] + pm["retransmitted"], key=lambda m: m.t_ns)]
+
+
 def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
     """Every measurement of one ok trial (see the module docstring)."""
     t0, trig, t1 = trial.t_start_ns, trial.t_trigger_ns, trial.t_end_ns
@@ -552,16 +572,12 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
         res["message_list"] = []
     else:
         pm = procedure_messages(proxy, trig, t_done, t1, related)
-        names = node_names(trial)
+        if pm["first"]:  # the procedure ends with its last message (a response, an ACK)
+            t_done = max(t_done, pm["first"][-1].t_ns)
+            res["t_complete_ms"] = _ms(t_done - trig)
         res.update({k: pm[k] for k in ("messages", "bytes", "retransmissions",
                                        "retransmitted_bytes")})
-        again = {id(m) for m in pm["retransmitted"]}
-        res["message_list"] = [
-            {"t_ms": _ms(m.t_ns - trig), "src": names.get(m.src, m.src),
-             "dst": names.get(m.dst, m.dst), "src_ip": m.src, "dst_ip": m.dst,
-             "label": m.label, "bytes": m.size,
-             "retransmission": id(m) in again}
-            for m in sorted(pm["first"] + pm["retransmitted"], key=lambda m: m.t_ns)]
+        res["message_list"] = _message_rows(pm, trial, trig)
         if trial.method != "reinvite":
             at_proxy = {m.retrans_key()[:3] for m in pm["first"]
                         if m.smig_type == "switch-complete" and m.src in
@@ -570,7 +586,7 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
                                        len(completes)))
 
     # Rekey (Fig 3 step 9 after a reuse switch): first step-9 event -> last "rekeyed".
-    res["rekey_ms"] = None
+    res["rekey_ms"] = res["rekey_messages"] = None
     rekeyed = logs.find(terms, trig, t1, event="fig3", step="rekeyed", session=trial.session)
     if rekeyed:
         first9 = _first(logs.find(None, trig, t1, event="fig3", step=9, session=trial.session))
@@ -579,6 +595,14 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
         rk = _smig_sent(trial, data, "rekey", trig, t1)
         checks.append(agreement("first rekey message sent", rk[0].t_ns if rk else None,
                                 first9["t_ns"] if first9 else None))
+        if proxy:  # step (9) comes after the switch: its messages apart from the procedure's
+            done = {m.transaction() for m in pm["first"]}
+            rpm = procedure_messages(proxy, trig, t1, t1, lambda m: related(m)
+                                     and m.smig_type == "rekey" and m.transaction() not in done)
+            res["rekey_messages"] = rpm["messages"]
+            res["message_list"] = sorted(res["message_list"] + _message_rows(rpm, trial, trig,
+                                                                             rekey=True),
+                                         key=lambda row: row["t_ms"])
     res["checks"] = checks
     res["disagreements"] = [c for c in checks if c.get("agree") is False]
     res["notes"] = notes
@@ -594,7 +618,7 @@ METRICS: list[tuple[str, str, str]] = [  # key, unit, column title
     ("signalling_ms", "ms", "signalling ms"), ("messages", "msgs", "messages"),
     ("bytes", "B", "bytes"), ("retransmissions", "msgs", "retrans."),
     ("gap_ms", "ms", "max gap ms"), ("lost", "pkts", "lost"), ("app_lost", "pkts", "app lost"),
-    ("rekey_ms", "ms", "rekey ms"),
+    ("rekey_ms", "ms", "rekey ms"), ("rekey_messages", "msgs", "rekey msgs"),
 ]
 
 
@@ -651,7 +675,9 @@ def markdown(summary: dict[str, Any]) -> str:
              "takes); *signalling*: that event to the last switch-complete. *max gap*, *lost*: "
              "at the receivers, on the wire (captures); *app lost*: what the receiving "
              "applications missed. Messages and bytes: SIP at the proxy, each hop, first "
-             "transmissions.",
+             "transmissions, up to the procedure's last message (its last response or ACK); "
+             "*rekey*: step (9), after a key-reuse switch, with its own messages (*rekey "
+             "msgs*; the renegotiate baseline's rekey comes first and is in *messages*).",
              "", "| scenario | method | trials | " + " | ".join(cols) + " |",
              "|" + "---|" * (3 + len(cols))]
     for a in summary["aggregates"]:
