@@ -5,7 +5,8 @@ trial by handover time (experiments.plots.median_trials; named in the title):
 ``plots/ladder-<scenario>-<method>.png``; lanes for the nodes involved (a terminal with two
 interfaces gets a lane per interface), an arrow per message with its method or status and the
 SMIG type of its JSON body, time flowing downwards (one row per message, the time from the
-trigger on the left; retransmissions dashed in red). Rows of their own, a labelled line across
+trigger on the left; retransmissions dashed in red; the rekey of Fig 3 step (9), which follows a
+key-reuse switch, in green). Rows of their own, a labelled line across
 the lanes in the timelines' styles, mark the trigger, the mover's detection (fault scenarios),
 the first RTP on the new path (the handover) and the completion of the procedure, where the
 trial record has them.
@@ -78,11 +79,13 @@ def ladder_rows(result: dict[str, Any]) -> list[Row]:
 
 def _draw_message(ax: Axes, row: int, m: dict[str, Any], a: int, b: int) -> None:
     again = m.get("retransmission")
-    color = "tab:red" if again else ("tab:blue" if m["label"][0].isalpha() else "0.35")
+    color = "tab:red" if again else "tab:green" if m.get("rekey") else (
+        "tab:blue" if m["label"][0].isalpha() else "0.35")
     ax.annotate("", xy=(b, row), xytext=(a, row),
                 arrowprops={"arrowstyle": "-|>", "color": color, "linewidth": 1.1,
                             "linestyle": "--" if again else "-"})
-    label = m["label"] + (" (retransmission)" if again else "")
+    label = m["label"] + (" (retransmission)" if again else "") + (
+        " — step (9)" if m.get("rekey") and m["label"][0].isalpha() else "")
     ax.text((a + b) / 2, row - 0.12, label, ha="center", va="bottom", fontsize=7.5,
             color=color)
 
@@ -119,8 +122,10 @@ def ladder(pick: Pick, out: Path) -> Path:
     ax.set_xlim(-1.4, len(order) - 0.4)
     ax.set_ylim(len(rows) + 0.3, -1.6)
     ax.axis("off")
-    ax.set_title(f"{caption(pick)}\n{result.get('messages')} messages at the proxy, handover "
-                 f"{_fmt(result.get('handover_ms'))} ms", fontsize=10)
+    rekey = (f" (+ {result['rekey_messages']} of the rekey, step (9))"
+             if result.get("rekey_messages") else "")
+    ax.set_title(f"{caption(pick)}\n{result.get('messages')} messages at the proxy{rekey}, "
+                 f"handover {_fmt(result.get('handover_ms'))} ms", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

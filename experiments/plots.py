@@ -7,7 +7,7 @@
   direction's first packet on its new path), a tick per packet (from the decrypted captures),
   vertical lines — named with their times in the legend — at the trigger, the mover's
   detection (fault scenarios), the first RTP on the new path at the peer (the handover) and
-  the completion of the procedure;
+  the completion of the procedure; below, the same zoomed in on the marks;
 * ``gap-cdf-<family>.png`` — CDF of the media gap (per receiver, ok trials): one panel per
   scenario of the family (each with its own x range), a curve per method.
 
@@ -41,6 +41,7 @@ from experiments.analysis import (
 from experiments.claims import LINK_SCENARIOS
 
 MARGIN_MS = 600.0  # shown before the trigger and after the completion
+ZOOM_MARGIN_MS = 60.0  # the zoomed panel: three voice packets either side of the marks
 
 # One colour per method in every figure (Okabe-Ito, colour-blind safe); the old path is grey.
 METHOD_COLOURS: dict[str, str] = {
@@ -134,7 +135,7 @@ def markers(result: dict[str, Any]) -> list[Marker]:
         out.append(Marker(result["handover_ms"], "new-path",
                           "first RTP on the new path (handover)"))
     if result.get("t_complete_ms") is not None:
-        out.append(Marker(result["t_complete_ms"], "complete", "switch done (its last message)"))
+        out.append(Marker(result["t_complete_ms"], "complete", "procedure's last message"))
     return sorted(out, key=lambda m: m.t_ms)
 
 
@@ -235,23 +236,30 @@ def timeline(pick: Pick, data: RunData, out: Path) -> Path:
     t1 = min(trial.t_end_ns, trig + int((done + MARGIN_MS) * 1e6))
     lanes = rtp_lanes(trial, _received(trial, data, t0, t1))
     colour = method_colour(trial.method)
-    fig, ax = plt.subplots(figsize=(11, 2.2 + 0.5 * max(1, len(lanes))))
-    _draw_lanes(ax, lanes, node_names(trial), colour)
-    handles = _draw_markers(ax, markers(result))
+    marks = markers(result)
+    height = 1.3 + 0.5 * max(1, len(lanes))
+    fig, (ax, zoom) = plt.subplots(2, 1, figsize=(11, 2 * height + 1.2), layout="constrained")
+    for axis in (ax, zoom):
+        _draw_lanes(axis, lanes, node_names(trial), colour)
+        handles = _draw_markers(axis, marks)
+        axis.set_xlabel("ms from the trigger")
+        axis.grid(axis="x", alpha=0.3)
+    # The marks fall within some tens of ms of each other: the lower panel zooms in on them.
+    ends = [m.t_ms for m in marks] + [done]
+    zoom.set_xlim(min(ends) - ZOOM_MARGIN_MS, max(ends) + ZOOM_MARGIN_MS)
+    zoom.set_title(f"the switch, zoomed in ({ZOOM_MARGIN_MS:.0f} ms either side of its marks)",
+                   fontsize=9)
     handles += [Line2D([], [], color=OLD_PATH_COLOUR, marker="|", linestyle="",
                        markersize=10, label="RTP on the old path"),
                 Line2D([], [], color=colour, marker="|", linestyle="", markersize=10,
                        label=f"RTP on the new path ({trial.method})"),
                 Line2D([], [], color=colour, marker="v", linestyle="",
                        label="first packet of a direction on its new path")]
-    ax.set_xlabel("ms from the trigger")
     ax.set_title(f"{caption(pick)}\nRTP arrivals per direction and path — handover "
                  f"{_fmt(result.get('handover_ms'))} ms, max gap {_fmt(result.get('gap_ms'))} "
                  f"ms, lost {result.get('lost')}", fontsize=10)
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3,
-              fontsize=8, frameon=False)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    zoom.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3,
+                fontsize=8, frameon=False)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -300,12 +308,12 @@ def _cdf_panel(ax: Axes, scenario: str, curves: dict[str, list[float]]) -> None:
         ys = [(k + 1) / len(xs) for k in range(len(xs))]
         colour = method_colour(method)
         ax.step([xs[0], *xs], [0.0, *ys], where="post", color=colour, linewidth=1.6,
-                label=f"{method} (n={len(xs)}, median {percentile(xs, 50):.0f} ms)")
+                label=f"{method} ({len(xs)} receiver gaps, median {percentile(xs, 50):.0f} ms)")
         ax.plot(xs, ys, METHOD_SHAPES[i % len(METHOD_SHAPES)], color=colour, markersize=4)
     ax.set_xlim(*x_limits(x for xs in curves.values() for x in xs))
     ax.set_ylim(0, 1.05)
     ax.set_title(scenario, fontsize=10)
-    ax.set_xlabel("media gap at a receiver (ms)")
+    ax.set_xlabel("media gap at a receiver, per trial (ms); the table gives the largest")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right")
 

@@ -151,10 +151,13 @@ def test_timeline_draws_old_paths_grey_and_new_paths_in_the_method_colour(
     ticks = [line for line in ax.lines if line.get_marker() == "|"]
     assert [to_hex(line.get_color()) for line in ticks] == [
         to_hex(OLD_PATH_COLOUR), METHOD_COLOURS["proposed"]] * 2
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    zoom = drawn[0].axes[1]  # the same lanes, zoomed in on the marks
+    assert [t.get_text() for t in zoom.get_yticklabels()] == labels
+    assert zoom.get_xlim() == (-60.0, 140.0)
+    legend = [t.get_text() for t in zoom.get_legend().get_texts()]
     assert "first RTP on the new path (handover) (+60 ms)" in legend
     assert "trigger: command (+0 ms)" in legend
-    assert "switch done (its last message) (+80 ms)" in legend
+    assert "procedure's last message (+80 ms)" in legend
     assert "trial 1" in ax.get_title()
 
 
