@@ -68,12 +68,15 @@ def parse_params(tokens: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.control",
-                                 description="Send one command to a node's control socket.")
+    ap = argparse.ArgumentParser(prog="python -m experiments.control", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("socket", help="the node's control socket (captures/<run>/ctl/NAME.sock)")
-    ap.add_argument("cmd", help="command, e.g. status, call, link_switch, help")
-    ap.add_argument("params", nargs="*", help="key=value parameters")
+    ap.add_argument("cmd", nargs="?", help="command, e.g. status, call, link_switch, help")
+    ap.add_argument("params", nargs="*", help="key=value parameters (optional)")
     args = ap.parse_args(argv)
+    if args.cmd is None:
+        ap.error("the following argument is required: cmd (e.g. status; help lists the "
+                 "node's commands)")
     try:
         params = parse_params(args.params)
         result = NodeControl(args.socket)(args.cmd, **params)

@@ -31,8 +31,12 @@ def esp_sa_for(pcap: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.decrypt",
-                                 description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.decrypt", description=__doc__,
+        usage="%(prog)s PCAP [--esp-sa ESP_SA] [--print-options] [TSHARK_ARG ...]",
+        epilog="Every other argument (TSHARK_ARG: -Y FILTER, -V, -T fields -e ..., -d ...) "
+               "goes to tshark as it is.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pcap", type=Path, help="a capture of a run (captures/<run>/pcaps/*.pcap)")
     ap.add_argument("--esp-sa", type=Path, help="the esp_sa file (default: the run's)")
     ap.add_argument("--print-options", action="store_true",

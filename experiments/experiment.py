@@ -30,7 +30,14 @@ from typing import Any
 
 from experiments.console import guard
 from experiments.control import NodeControl, NodeError
-from experiments.lab import Lab, LabError, wait_until
+from experiments.lab import (
+    Lab,
+    LabError,
+    analysis_command,
+    config_problem,
+    run_name_problem,
+    wait_until,
+)
 from nodes.mediasend import VoiceSender
 from topologies.m2m import address
 
@@ -46,6 +53,23 @@ PRE_S, POST_S = 0.6, 1.2  # media before the trigger and after the switch, per t
 SWEEP_RTTS_MS = (0, 20, 50, 100)  # access-network round-trip times for the delay sweep
 SWEEP_METHODS = ("proposed", "register-then-switch")
 MEDIA_TIMEOUT = 0.3
+MAX_TRIALS, MAX_SWEEP_TRIALS = 100, 20
+
+
+def stop_signal(exc: KeyboardInterrupt) -> str:
+    """The signal behind a KeyboardInterrupt: experiments.console raises it with the name of
+    SIGTERM or SIGHUP; Python's own SIGINT handler raises it bare."""
+    text = str(exc.args[0]) if exc.args else ""
+    return text.removeprefix("signal ") if text.startswith("signal SIG") else "SIGINT"
+
+
+@dataclass
+class Outcome:
+    """How far a run got: its folder once the lab is up, and whether the analysis finished
+    (main() says how to run it when it did not)."""
+
+    run_dir: Path | None = None
+    analysed: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,15 +128,18 @@ class Runner:
             record["ok"] = True
         except (NodeError, TimeoutError, OSError, RuntimeError) as exc:
             record["error"] = str(exc)
-        except KeyboardInterrupt:
-            record["error"] = "interrupted"
+        except KeyboardInterrupt as exc:
+            record["signal"] = stop_signal(exc)
+            record["error"] = f"interrupted by {record['signal']}"
             record["interrupted"] = True
             raise
         finally:
             record.setdefault("t_end_ns", time.time_ns())
-            self._cleanup(record)
-            with self.trials_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:  # the record is kept even if a second signal cuts the clean-up short
+                self._cleanup(record)
+            finally:
+                with self.trials_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
         return record
 
     def _call(self, record: dict[str, Any]) -> str:
@@ -216,16 +243,19 @@ def _rtt_of(scenario: str) -> int | None:
 
 
 def run_experiment(scenarios: list[str], trials: int, name: str = "experiment",
-                   sweep_trials: int = 1, seed: int | None = None) -> Path:
+                   sweep_trials: int = 1, seed: int | None = None,
+                   outcome: Outcome | None = None) -> Path:
+    outcome = outcome if outcome is not None else Outcome()
     seed = random.randrange(1 << 31) if seed is None else seed
     todo = plans(scenarios, trials, seed)
     families = {SCENARIOS[s][0] for s in scenarios}
     terminals = ["a1", "b1"] + (["a2", "b2"] if "terminal" in families else [])
     start = time.monotonic()
-    interrupted = False
+    interrupted: str | None = None
     current_rtt: int | None = None
     with Lab(name=name) as lab:
         assert lab.run_dir is not None
+        outcome.run_dir = lab.run_dir
         runner = Runner(lab, lab.say, seed)
         runner.setup(terminals)
         (lab.run_dir / "plan.json").write_text(json.dumps(
@@ -255,24 +285,29 @@ def run_experiment(scenarios: list[str], trials: int, name: str = "experiment",
                 lab.say(f"trial {i}/{len(todo)} {plan.scenario} / {plan.method} "
                         f"#{plan.trial}: {status} ({time.monotonic() - t0:.1f} s; "
                         f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s)")
-        except KeyboardInterrupt:
-            interrupted = True
-            lab.say("interrupted: keeping the finished trials")
+        except KeyboardInterrupt as exc:
+            interrupted = stop_signal(exc)
+            lab.say(f"interrupted by {interrupted}: keeping the finished trials")
         run_dir = lab.run_dir
-    report(run_dir)
+    outcome.analysed = report(run_dir)
     if interrupted:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"signal {interrupted}")
     return run_dir
 
 
-def report(run_dir: Path) -> None:
-    """Analysis, plots and ladders (experiments.analysis), printed at the end."""
+def report(run_dir: Path) -> bool:
+    """Analysis, plots and ladders (experiments.analysis), printed at the end; False if the
+    analysis could not run (main() then says how to run it later)."""
     try:
         from experiments import analysis
     except ImportError as exc:  # analysis not installed: the raw trials are still there
         print(f"analysis unavailable ({exc}); trials are in {run_dir / 'trials.jsonl'}")
-        return
-    results = analysis.analyze(run_dir)
+        return False
+    try:
+        results = analysis.analyze(run_dir)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"analysis failed: {exc}", file=sys.stderr)
+        return False
     from experiments.ladder import draw_ladders
     from experiments.plots import draw_plots
 
@@ -286,39 +321,90 @@ def report(run_dir: Path) -> None:
     if md.exists():
         print(md.read_text())
     print(f"results in {run_dir}")
+    return True
+
+
+def run_name(text: str) -> str:
+    """--name: the run folder's suffix (argparse type)."""
+    problem = run_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def sweep_trials(text: str) -> int:
+    """--sweep-trials: 0..MAX_SWEEP_TRIALS (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SWEEP_TRIALS:
+        raise argparse.ArgumentTypeError(f"must be 0..{MAX_SWEEP_TRIALS}, got {value}")
+    return value
+
+
+def parse_scenarios(text: str) -> list[str]:
+    """`all` or a comma list of distinct scenario names; ValueError says what is wrong."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    known = f"known: all, {', '.join(SCENARIOS)}"
+    if not names:
+        raise ValueError(f"no scenario given; {known}")
+    if names == ["all"]:
+        return list(SCENARIOS)
+    if "all" in names:
+        raise ValueError(f"'all' cannot be combined with other scenarios (got {text!r})")
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; {known}")
+    twice = sorted({s for s in names if names.count(s) > 1})
+    if twice:
+        raise ValueError(f"scenario(s) given twice: {', '.join(twice)} (each runs once per "
+                         f"round; use --trials for more)")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.experiment",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=5, help="trials per scenario × method")
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=5,
+                        help=f"trials per scenario × method (1..{MAX_TRIALS})")
     parser.add_argument("--scenario", default="all",
-                        help=f"all, or a comma list of: {', '.join(SCENARIOS)}")
-    parser.add_argument("--name", default="experiment", help="run folder suffix")
+                        help=f"all, or a comma list of distinct names: {', '.join(SCENARIOS)}")
+    parser.add_argument("--name", type=run_name, default="experiment",
+                        help="run folder suffix (captures/<stamp>-NAME): 1 to 64 characters "
+                             "of A-Z a-z 0-9 . _ -, not starting with '.'")
     parser.add_argument("--seed", type=int, help="seed of the method order in each round "
                                                  "(default: a new one, kept in plan.json)")
-    parser.add_argument("--sweep-trials", type=int, default=1,
-                        help="trials per RTT of the delay sweep (needs netem; 0: no sweep)")
+    parser.add_argument("--sweep-trials", type=sweep_trials, default=1,
+                        help=f"trials per RTT of the delay sweep, 0..{MAX_SWEEP_TRIALS} "
+                             f"(needs netem; 0: no sweep)")
     args = parser.parse_args(argv)
-    if not 1 <= args.trials <= 100:
-        parser.error(f"--trials must be 1..100, got {args.trials}")
-    names = [s.strip() for s in args.scenario.split(",") if s.strip()]
-    scenarios = list(SCENARIOS) if names == ["all"] else names
-    unknown = [s for s in scenarios if s not in SCENARIOS]
-    if not scenarios:
-        parser.error(f"no scenario given; known: all, {', '.join(SCENARIOS)}")
-    if unknown:
-        parser.error(f"unknown scenario(s) {', '.join(unknown)}; "
-                     f"known: all, {', '.join(SCENARIOS)}")
-    guard()
+    if not 1 <= args.trials <= MAX_TRIALS:
+        parser.error(f"--trials must be 1..{MAX_TRIALS}, got {args.trials}")
     try:
-        run_experiment(scenarios, args.trials, args.name, args.sweep_trials, args.seed)
+        scenarios = parse_scenarios(args.scenario)
+    except ValueError as exc:
+        parser.error(str(exc))
+    preflight = config_problem()
+    if preflight:
+        print(f"error: {preflight}", file=sys.stderr)
+        return 2
+    guard()
+    outcome = Outcome()
+    code = 0
+    try:
+        run_experiment(scenarios, args.trials, args.name, args.sweep_trials, args.seed,
+                       outcome)
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except LabError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    run_dir = outcome.run_dir
+    if run_dir is not None and not outcome.analysed and (run_dir / "trials.jsonl").exists():
+        print(f"analysis not done: run {analysis_command(run_dir)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import ctypes
 import fcntl
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +48,39 @@ PROBE_PORT = 9000
 TIMEOUT_SCALE = float(os.environ.get("SMIG_TIMEOUT_SCALE") or 1)
 DEFAULT_CONFIG = PROJECT / "config" / "lab.json"
 DEFAULT_CREDENTIALS = PROJECT / "config" / "credentials.json"
+DEFAULT_TRUST = PROJECT / "config" / "trust.json"
+TERMINALS = ("a1", "a2", "b1", "b2")
+
+
+def config_problem(config: Path = DEFAULT_CONFIG, credentials: Path = DEFAULT_CREDENTIALS,
+                   trust: Path = DEFAULT_TRUST) -> str | None:
+    """What the nodes would refuse in the lab's config files, checked by the nodes' own
+    loaders before any lab boots (their message, one line), or None if they would start."""
+    from nodes.labconfig import ConfigError, Credentials, LabConfig
+    from nodes.trust import load_key
+
+    try:
+        lab = LabConfig.load(config)
+        creds = Credentials.load(credentials)
+        for name in TERMINALS:
+            lab.require_terminal(name)
+            if creds.psk(name) is None:
+                raise ConfigError(f"{credentials}: no PSK for {name!r}")
+        load_key(trust)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def last_log_line(log: Path) -> str | None:
+    """The last non-blank line of a node's log: its one-line error when it refused to start
+    (or the last line of its traceback)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    lines = [line.strip() for line in lines if line.strip()]
+    return lines[-1] if lines else None
 
 
 def python() -> str:
@@ -84,18 +119,39 @@ def _free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def new_run_dir(name: str) -> Path:
+RUN_NAME_MAX = 64
+_RUN_NAME_RE = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{RUN_NAME_MAX - 1}}}\Z")
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run folder (captures/<stamp>-<name>), or None if it can."""
+    if not isinstance(name, str) or not _RUN_NAME_RE.match(name):
+        shown = (f"{name[:RUN_NAME_MAX]!r}... ({len(name)} characters)"
+                 if isinstance(name, str) and len(name) > RUN_NAME_MAX else repr(name))
+        return (f"run name {shown}: expected 1 to {RUN_NAME_MAX} characters of A-Z a-z 0-9 "
+                f". _ -, not starting with '.'")
+    return None
+
+
+def new_run_dir(name: str, captures: Path | None = None) -> Path:
+    problem = run_name_problem(name)
+    if problem:
+        raise LabError(problem)
+    captures = captures or CAPTURES
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(100):
-        run = CAPTURES / (f"{stamp}-{name}" + (f"-{n}" if n else ""))
+        run = captures / (f"{stamp}-{name}" + (f"-{n}" if n else ""))
         try:
             run.mkdir(parents=True)
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise LabError(f"cannot create the run folder {run}: {exc.strerror or exc}"
+                           ) from None
         for sub in ("logs", "pcaps", "events"):
             (run / sub).mkdir()
         return run
-    raise RuntimeError(f"could not create a run folder under {CAPTURES}")
+    raise LabError(f"could not create a run folder under {captures}")
 
 
 class LabError(RuntimeError):
@@ -192,6 +248,16 @@ def stale_runs(captures: Path = CAPTURES) -> list[Path]:
     return found
 
 
+def analysis_command(run_dir: Path) -> str:
+    """The command that analyses a run's finished trials (for runs whose analysis did not
+    run or finish)."""
+    try:
+        where = run_dir.resolve().relative_to(PROJECT)
+    except ValueError:
+        where = run_dir
+    return f".venv/bin/python -m experiments.analysis {where}"
+
+
 def clean_stale_run(run_dir: Path, say: Callable[[str], None]) -> list[str]:
     """Remove what a dead run left (its bridges and links, by its manifest) and mark it
     stopped; returns what was removed. Its processes died with it (PR_SET_PDEATHSIG)."""
@@ -204,8 +270,12 @@ def clean_stale_run(run_dir: Path, say: Callable[[str], None]) -> list[str]:
             removed.append(f"link {link}")
     m.update(stopped=True, cleaned_up_after_its_death=True)
     manifest.write_text(json.dumps(m, indent=2) + "\n")
+    trials = run_dir / "trials.jsonl"
+    hint = ""
+    if trials.exists() and trials.stat().st_size and not (run_dir / "results.json").exists():
+        hint = f"; its finished trials can be analysed: {analysis_command(run_dir)}"
     say(f"removed what the killed run {run_dir.name} left: "
-        f"{', '.join(removed) if removed else 'nothing'}")
+        f"{', '.join(removed) if removed else 'nothing'}{hint}")
     return removed
 
 
@@ -251,8 +321,13 @@ class Lab:
         mininet_log: str = "warning",
         ctl_dir: Path | None = None,
     ) -> None:
+        problem = run_name_problem(name)
+        if problem:
+            raise LabError(problem)
         self.name = name
         self.run_dir = run_dir
+        self._made_run_dir = False  # start() made run_dir (and removes it if it refuses)
+        self._refused = False
         self.capture = capture
         self.mininet_log = mininet_log
         # Control sockets; default <run>/ctl. A run folder on 9p/virtiofs (the VM's) cannot
@@ -293,6 +368,7 @@ class Lab:
         self._lock.acquire(f"lab {self.name!r} in {PROJECT}")
         if self.run_dir is None:
             self.run_dir = new_run_dir(self.name)
+            self._made_run_dir = True
         self.say(f"run folder {self.run_dir.relative_to(PROJECT)}")
         self.caps = probe()
         for line in self.caps.summary().splitlines():
@@ -335,14 +411,31 @@ class Lab:
                 self._controller.stop()
             if self.net is not None:
                 self._write_json("manifest.json", self._manifest(stopped=True))
+            self._remove_refused_run_dir()
             self._lock.release()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.say("lab is down")
 
+    def _remove_refused_run_dir(self) -> None:
+        """A lab refused at start (another lab's bridges, OVS not answering) ran nothing: the
+        run folder it made holds only its capabilities, and goes."""
+        if not (self._refused and self._made_run_dir and self.run_dir is not None):
+            return
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if not self.run_dir.exists():
+            self.say(f"removed the run folder {self.run_dir.name} (the lab did not start)")
+
     # -- pieces of start() ----------------------------------------------------------------------
     def _refuse_foreign(self, check_links: bool) -> None:
         """Another lab's bridges (or, before we build ours, its links) mean: not here."""
+        try:
+            self._check_foreign(check_links)
+        except LabError:
+            self._refused = True
+            raise
+
+    def _check_foreign(self, check_links: bool) -> None:
         clash = sorted(ovs_bridges(check=True) & set(M2M_NETWORKS))
         if clash:
             raise LabError(
@@ -378,7 +471,10 @@ class Lab:
 
         def rest_up() -> bool:
             if not self._controller or not self._controller.alive():
-                raise RuntimeError("the Ryu controller exited at start: see logs/controller.log")
+                assert self.run_dir is not None
+                why = last_log_line(self.run_dir / "logs" / "controller.log")
+                raise LabError("the Ryu controller exited at start"
+                               + (f": {why}" if why else "") + " (log: logs/controller.log)")
             try:
                 assert self.faults is not None
                 self.faults.switches()
@@ -486,10 +582,13 @@ class Lab:
         proc = self.popen(host, [python(), "-m", module, *args, "--events", str(events),
                                  "--control", str(sock)], name=name)
 
+        log = self.run_dir / "logs" / f"{name}.log"
+
         def ready() -> bool:
             if not proc.alive():
-                raise RuntimeError(f"{name} exited at start (code {proc.popen.returncode}): "
-                                   f"see logs/{name}.log")
+                why = last_log_line(log)
+                raise LabError(f"{name} exited at start (code {proc.popen.returncode})"
+                               + (f": {why}" if why else "") + f" (log: logs/{name}.log)")
             return sock.exists()
 
         wait_until(ready, 20, f"{name}'s control socket")
@@ -582,7 +681,8 @@ class Lab:
     def _check_captures(self) -> None:
         """A pcap that misses packets tcpdump received would skew the analysis: say which, in
         the console and the manifest."""
-        assert self.run_dir is not None
+        if self.run_dir is None:  # stopped before its run folder was made
+            return
         for intf in self.pcaps:
             log = self.run_dir / "logs" / f"tcpdump-{intf}.log"
             short = capture_shortfall(log.read_text(errors="replace")) if log.exists() else None

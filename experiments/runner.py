@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -20,7 +21,41 @@ from pathlib import Path
 
 from experiments.capabilities import probe
 from experiments.console import guard
-from experiments.lab import Lab, LabError, read_jsonl
+from experiments.lab import Lab, LabError, config_problem, read_jsonl
+from topologies.m2m import M2M_HOSTS, M2M_NETWORKS
+
+MAX_SECONDS = 3600.0
+MAX_RATE = 1000.0  # probe packets/s per path
+
+
+def switch_ports() -> dict[str, list[str]]:
+    """Each OVS switch of the topology and its ports (`<switch>-<host>`, `<switch>-r0`)."""
+    ports = {net: [f"{net}-r0"] for net in M2M_NETWORKS}
+    for host, nets in M2M_HOSTS.items():
+        for net, _ in nets:
+            ports[net].append(f"{net}-{host}")
+    return ports
+
+
+def _bounded(text: str, what: str, maximum: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= maximum:
+        raise argparse.ArgumentTypeError(
+            f"expected {what} greater than 0 and at most {maximum:g}, got {text!r}")
+    return value
+
+
+def probe_seconds(text: str) -> float:
+    """--seconds: 0 < S <= MAX_SECONDS (argparse type)."""
+    return _bounded(text, "seconds", MAX_SECONDS)
+
+
+def probe_rate(text: str) -> float:
+    """--rate: 0 < packets/s <= MAX_RATE (argparse type)."""
+    return _bounded(text, "packets/s", MAX_RATE)
 
 
 @dataclass(frozen=True)
@@ -47,11 +82,22 @@ class FaultPlan:
             end = float(times[1]) if len(times) > 1 else None
         except ValueError:
             raise argparse.ArgumentTypeError(f"fault {text!r}: times must be seconds") from None
+        if not all(math.isfinite(t) for t in (start, end or 0.0)):
+            raise argparse.ArgumentTypeError(f"fault {text!r}: times must be finite seconds")
         if len(times) > 2 or start < 0 or (end is not None and end <= start):
             raise argparse.ArgumentTypeError(f"fault {text!r}: need 0 <= START < END")
-        if parts[2] not in ("down", "blackhole"):
+        ports = switch_ports()
+        switch, port, kind = parts
+        if switch not in ports:
+            raise argparse.ArgumentTypeError(
+                f"fault {text!r}: no switch {switch!r}; switches: {', '.join(ports)}")
+        if port not in ports[switch]:
+            raise argparse.ArgumentTypeError(
+                f"fault {text!r}: no port {port!r} on {switch}; its ports: "
+                f"{', '.join(ports[switch])}")
+        if kind not in ("down", "blackhole"):
             raise argparse.ArgumentTypeError(f"fault {text!r}: kind must be down or blackhole")
-        return cls(parts[0], parts[1], parts[2], start, end)
+        return cls(switch, port, kind, start, end)
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -129,14 +175,27 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="boot the lab, run probe streams, inject faults")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--rate", type=float, default=50.0, help="probe packets/s per path")
+    p.add_argument("--seconds", type=probe_seconds, default=10.0,
+                   help=f"how long the probes run (0 < S <= {MAX_SECONDS:g}; default 10)")
+    p.add_argument("--rate", type=probe_rate, default=50.0,
+                   help=f"probe packets/s per path (0 < R <= {MAX_RATE:g}; default 50)")
     p.add_argument("--fault", type=FaultPlan.parse, action="append", default=[],
-                   help="SWITCH:PORT:KIND@START[:END], repeatable")
+                   help="SWITCH:PORT:KIND@START[:END], repeatable; KIND down or blackhole, "
+                        "e.g. wlan:wlan-a1:down@3:6 (ports: <switch>-<host>, <switch>-r0)")
     sub.add_parser("lab", help="the Mininet CLI with every node running and registered, "
                                "plus node/nodes/fault commands")
     sub.add_parser("capabilities", help="probe the kernel and print the choices")
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        late = [f for f in args.fault if max(f.start, f.end or 0.0) > args.seconds]
+        if late:
+            parser.error(f"fault(s) after the end of the run (--seconds {args.seconds:g}): "
+                         f"{', '.join(f'{f.switch}:{f.port}@{f.start:g}' for f in late)}")
+    if args.command == "lab":  # the probe runs no node that reads the config files
+        problem = config_problem()
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     if args.command == "capabilities":
         caps = probe()
         print(caps.summary())
