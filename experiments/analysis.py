@@ -27,9 +27,11 @@ from typing import Any
 
 from experiments.capture import (  # noqa: F401  (re-exported: the analysis API)
     Capture,
+    CaptureError,
     Rtp,
     Sip,
     epoch_ns,
+    esp_sa_options,
     load_capture,
     parse_tshark_row,
     run_tshark,
@@ -48,40 +50,78 @@ VERDICTS = ("holds", "does not hold", "not measured")
 # Event logs and trials.
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """JSON lines of a log; a torn last line (process killed mid-write) is skipped."""
+def read_jsonl(path: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """JSON lines of a log; a torn last line (process killed mid-write) is skipped. A file
+    that cannot be read, and lines that are not JSON objects with an int t_ns (other than a
+    torn last line), are reported in `problems` (naming the file), once per file."""
     rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
+    name = f"{path.parent.name}/{path.name}"
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        if problems is not None:
+            problems.append(f"{name} cannot be read ({exc.strerror or exc}): its events "
+                            "are missing from the analysis")
+        return rows
+    bad: list[int] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            row = json.loads(line.decode())
+        except ValueError:  # UnicodeDecodeError is one
+            row = None
         if isinstance(row, dict) and isinstance(row.get("t_ns"), int):
             rows.append(row)
+        elif n < len(lines) - 1 or line.endswith(b"}"):  # not a torn last line
+            bad.append(n)
+    if bad and problems is not None:
+        problems.append(f"{name}: {len(bad)} line(s) skipped, not a JSON object with an "
+                        f"int t_ns (line {', '.join(map(str, bad[:5]))}"
+                        f"{', ...' if len(bad) > 5 else ''})")
     return rows
+
+
+def _rx_row(e: dict[str, Any]) -> Rtp:
+    ip, _, port = str(e.get("src", "")).rpartition(":")
+    return Rtp(e["t_ns"], ip, int(port or 0), str(e.get("dst", "")), 0,
+               int(e.get("ssrc", 0)), int(e.get("seq", 0)))
 
 
 @dataclass
 class RunLogs:
     events: dict[str, list[dict[str, Any]]]   # node -> events/<node>.jsonl
     media: dict[str, list[dict[str, Any]]]    # node -> media/<node>-media.jsonl
+    problems: list[str] = field(default_factory=list)  # files or lines that could not be read
 
     @classmethod
     def load(cls, run_dir: Path) -> RunLogs:
-        events = {p.stem: read_jsonl(p) for p in sorted((run_dir / "events").glob("*.jsonl"))}
-        media = {p.name.removesuffix("-media.jsonl"): read_jsonl(p)
+        problems: list[str] = []
+        events = {p.stem: read_jsonl(p, problems)
+                  for p in sorted((run_dir / "events").glob("*.jsonl"))}
+        media = {p.name.removesuffix("-media.jsonl"): read_jsonl(p, problems)
                  for p in sorted((run_dir / "media").glob("*-media.jsonl"))}
-        return cls(events, media)
+        logs = cls(events, media, problems)
+        for node in media:  # bad rtp-rx rows are reported (and skipped) now, once
+            logs.rtp_rx(node)
+        return logs
 
     def rtp_rx(self, node: str) -> list[Rtp]:
-        rows = []
-        for e in self.media.get(node, []):
+        rows, bad = [], []
+        media = self.media.get(node, [])
+        for e in media:
             if e.get("event") == "rtp-rx":
-                ip, _, port = str(e.get("src", "")).rpartition(":")
-                rows.append(Rtp(e["t_ns"], ip, int(port or 0), str(e.get("dst", "")), 0,
-                                int(e.get("ssrc", 0)), int(e.get("seq", 0))))
+                try:
+                    rows.append(_rx_row(e))
+                except (ValueError, TypeError) as exc:
+                    bad.append(str(exc))
+        if bad:  # dropped from the log, so that they are reported once
+            self.media[node] = [e for e in media if e.get("event") != "rtp-rx"
+                                or not _rx_row_bad(e)]
+            self.problems.append(f"media/{node}-media.jsonl: {len(bad)} rtp-rx row(s) "
+                                 f"skipped, bad src, ssrc or seq ({bad[0]})")
         return rows
 
     def media_ports(self) -> set[int]:
@@ -103,6 +143,37 @@ class RunLogs:
         found = [e for n in names for e in self.events.get(n, [])
                  if t0 <= e["t_ns"] <= t1 and all(e.get(k) == v for k, v in match.items())]
         return sorted(found, key=lambda e: e["t_ns"])
+
+
+def _rx_row_bad(e: dict[str, Any]) -> bool:
+    try:
+        _rx_row(e)
+    except (ValueError, TypeError):
+        return True
+    return False
+
+
+SCENARIO_ORDER = ("link-planned", "link-carrier-loss", "link-blackhole", "terminal-switch")
+METHOD_ORDER = ("proposed", "register-then-switch", "reinvite", "reuse", "renegotiate")
+_TERMINAL_RE = re.compile(r"[a-z][a-z0-9]*")
+
+
+def _scenario_known(name: str) -> bool:
+    """An experiment's scenario, or its delay sweep's ('link-planned-rtt100')."""
+    base, sep, rtt = name.partition("-rtt")
+    return base in SCENARIO_ORDER and (not sep or rtt.isdigit())
+
+
+def _check_mapping(name: str, value: Any, key_re: re.Pattern[str] | None = None) -> None:
+    """`value` is a JSON object of strings (keys matching `key_re`)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"trial field {name!r} is {type(value).__name__} {value!r:.60}, "
+                         "not an object of strings")
+    for k, v in value.items():
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"trial field {name!r}: {k!r} is {v!r:.40}, not a string")
+        if key_re is not None and not key_re.fullmatch(k):
+            raise ValueError(f"trial field {name!r}: key {k!r} is not a side name")
 
 
 @dataclass(frozen=True)
@@ -131,14 +202,42 @@ class Trial:
         for name, kind in (("scenario", str), ("method", str), ("trial", int), ("ok", bool)):
             if not isinstance(data.get(name), kind):
                 raise ValueError(f"trial field {name!r} missing or not {kind.__name__}")
+        for name in ("error",):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise ValueError(f"trial field {name!r} is not a string")
+        for name in ("family", "session", "mover", "peer"):
+            if name in data and not isinstance(data[name], str):
+                raise ValueError(f"trial field {name!r} is {data[name]!r:.40}, not a string")
+        for name in ("t_start_ns", "t_trigger_ns", "t_end_ns"):
+            value = data.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"trial field {name!r} is {value!r:.40}, not an int")
+        for name in ("old", "new"):
+            if name in data:
+                _check_mapping(name, data[name], _TERMINAL_RE)
+        if "addresses" in data:
+            _check_mapping("addresses", data["addresses"])
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         trial = cls(**known)
         if trial.ok:
+            if not _scenario_known(trial.scenario):
+                raise ValueError(f"ok trial {trial.name}: unknown scenario {trial.scenario!r} "
+                                 f"(known: {', '.join(SCENARIO_ORDER)})")
+            if trial.method not in METHOD_ORDER:
+                raise ValueError(f"ok trial {trial.name}: unknown method {trial.method!r} "
+                                 f"(known: {', '.join(METHOD_ORDER)})")
             for name in ("t_start_ns", "t_trigger_ns", "t_end_ns"):
-                if not isinstance(getattr(trial, name), int) or not getattr(trial, name):
+                if not getattr(trial, name):
                     raise ValueError(f"ok trial {trial.name}: {name} missing or not an int")
+            if not trial.t_start_ns <= trial.t_trigger_ns <= trial.t_end_ns:
+                raise ValueError(f"ok trial {trial.name}: times out of order (t_start_ns "
+                                 "<= t_trigger_ns <= t_end_ns does not hold)")
             if not trial.session or not trial.mover or not trial.old:
                 raise ValueError(f"ok trial {trial.name}: session, mover and old are required")
+            missing = set(trial.new) - set(trial.old)
+            if missing:
+                raise ValueError(f"ok trial {trial.name}: new names sides {sorted(missing)} "
+                                 "that old does not")
         return trial
 
     @property
@@ -162,13 +261,22 @@ class Trial:
 def load_trials(run_dir: Path) -> tuple[list[Trial], list[str]]:
     """trials.jsonl -> trials, and the lines that could not be read (with why)."""
     path = run_dir / "trials.jsonl"
-    trials, bad = [], []
+    trials: list[Trial] = []
+    bad: list[str] = []
     if not path.exists():
         return trials, [f"{path} does not exist"]
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        return trials, [f"trials.jsonl cannot be read: {exc.strerror or exc}"]
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
+            try:
+                line = raw.decode()
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
             record = json.loads(line)
             if isinstance(record, dict) and record.pop("interrupted", False):
                 bad.append(f"{record.get('scenario')}/{record.get('method')}"
@@ -177,6 +285,8 @@ def load_trials(run_dir: Path) -> tuple[list[Trial], list[str]]:
             trials.append(Trial.from_json(record))
         except (ValueError, TypeError) as exc:
             bad.append(f"trials.jsonl line {n}: {exc}")
+    if not trials and not bad:
+        bad.append("no trials in trials.jsonl (it is empty): nothing to analyse")
     return trials, bad
 
 
@@ -313,6 +423,7 @@ class RunData:
     _rtp: dict[str, _Timeline] = field(default_factory=dict)
     _sip: dict[str, _Timeline] = field(default_factory=dict)
     _rx: dict[str, _Timeline] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # captures that could not be read
 
     def __post_init__(self) -> None:
         for name, cap in self.captures.items():
@@ -337,9 +448,33 @@ class RunData:
         return tl.between(t0, t1) if tl else []
 
 
-def load_run(run_dir: Path, hosts: Iterable[str] | None = None, workers: int = 2) -> RunData:
+def _capture_affects(host: str) -> str:
+    if host == "proxy":
+        return "the SIP messages and bytes at the proxy"
+    return (f"{host}'s RTP on the wire (media gap, loss, handover where {host} receives) "
+            f"and the SIP it sent")
+
+
+def _esp_options(run_dir: Path, esp_in_use: bool) -> tuple[list[str], list[str]]:
+    """The esp_sa file's tshark options and what is wrong with it."""
+    path = run_dir / "esp_sa"
+    if not path.exists():
+        return [], ["esp_sa is missing, though the run used ESP: SIP and RTP inside ESP not "
+                    "decrypted (messages, RTP and handover times undercount)"] if esp_in_use else []
+    try:
+        options, problems = esp_sa_options(path)
+    except CaptureError as exc:
+        return [], [str(exc)]
+    if not esp_in_use:
+        problems = [p for p in problems if "no usable rows" not in p]
+    return options, problems
+
+
+def load_run(run_dir: Path, hosts: Iterable[str] | None = None, workers: int = 2,
+             esp_in_use: bool = False) -> RunData:
     """Every capture of the proxy and of `hosts` (default: all but the router and the other
-    servers), through tshark in parallel, plus the logs."""
+    servers), through tshark in parallel, plus the logs. A capture that cannot be read is a
+    problem naming it (and what it affects); the rest are analysed."""
     logs = RunLogs.load(run_dir)
     ports = sorted(logs.media_ports())
     wanted = set(hosts) if hosts is not None else None
@@ -347,10 +482,72 @@ def load_run(run_dir: Path, hosts: Iterable[str] | None = None, workers: int = 2
              if p.stem.startswith("proxy-")
              or (wanted is not None and p.stem.split("-")[0] in wanted)
              or (wanted is None and p.stem.split("-")[0] not in ("r0", "sms", "presence"))]
+    esp, problems = _esp_options(run_dir, esp_in_use)
     cache = run_dir / "analysis"
+
+    def one(pcap: Path) -> Capture | str:
+        try:
+            return load_capture(pcap, run_dir / "esp_sa", ports, cache, esp)
+        except CaptureError as exc:
+            return f"{exc}: not analysed ({_capture_affects(pcap.stem.split('-')[0])})"
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        caps = list(pool.map(lambda p: load_capture(p, run_dir / "esp_sa", ports, cache), pcaps))
-    return RunData(run_dir, {c.name: c for c in caps}, logs)
+        loaded = list(pool.map(one, pcaps))
+    caps = [c for c in loaded if isinstance(c, Capture)]
+    problems += [c for c in loaded if isinstance(c, str)]
+    problems += [p for c in caps for p in c.problems]
+    for host in sorted((wanted or set()) | {"proxy"}):
+        if not any(p.stem.split("-")[0] == host for p in pcaps):
+            problems.append(f"no capture of {host} in pcaps/ (pcaps/{host}-*.pcap missing): "
+                            f"{_capture_affects(host)} not measured")
+    problems += _missing_manifest_captures(run_dir, wanted, pcaps)
+    return RunData(run_dir, {c.name: c for c in caps}, logs, problems=problems)
+
+
+def _missing_manifest_captures(run_dir: Path, wanted: set[str] | None, pcaps: list[Path]
+                               ) -> list[str]:
+    """Captures the lab ran tcpdump for (its manifest) whose pcap is not in pcaps/."""
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        procs = manifest.get("processes") or {}
+        names = [k.removeprefix("tcpdump-") for k in procs if k.startswith("tcpdump-")]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    have = {p.stem for p in pcaps}
+    out = []
+    for name in sorted(names):
+        host = name.split("-")[0]
+        if name in have or not (host == "proxy" or (wanted is not None and host in wanted)):
+            continue
+        if any(p.stem.split("-")[0] == host for p in pcaps):  # not all of the host's are gone
+            out.append(f"pcaps/{name}.pcap is missing (the lab captured it): "
+                       f"{_capture_affects(host)} on that interface not measured")
+    return out
+
+
+def missing_logs(run_dir: Path, trials: Iterable[Trial], logs: RunLogs) -> list[str]:
+    """The event and media logs the trials need that are not in the run folder."""
+    events: set[str] = set()
+    media: set[str] = set()
+    for t in trials:
+        events |= t.terminals()
+        media |= t.terminals()
+        if t.family == "terminal":
+            events.add("sms")
+        if t.scenario.partition("-rtt")[0] in FAULT_SCENARIOS:
+            events.add("controller")
+    out = []
+    for node in sorted(events - set(logs.events)):
+        why = "not a file" if (run_dir / "events" / f"{node}.jsonl").exists() else "missing"
+        out.append(f"events/{node}.jsonl is {why}: {node}'s procedure events are not in the "
+                   "analysis (its detection, signalling and the capture vs event log checks "
+                   "are not measured)")
+    for node in sorted(media - set(logs.media)):
+        path = run_dir / "media" / f"{node}-media.jsonl"
+        why = "not a file" if path.exists() else "missing"
+        out.append(f"media/{node}-media.jsonl is {why}: app lost and the media checks at "
+                   f"{node} are not measured")
+    return out
 
 
 def node_names(trial: Trial | None = None) -> dict[str, str]:
@@ -625,10 +822,6 @@ METRICS: list[tuple[str, str, str]] = [  # key, unit, column title
 COUNT_UNITS = ("msgs", "B", "pkts")
 # The table's order: scenarios as the experiment lists them (a delay sweep's after its base),
 # methods proposal first; whatever the order the trials ran in (it is shuffled).
-SCENARIO_ORDER = ("link-planned", "link-carrier-loss", "link-blackhole", "terminal-switch")
-METHOD_ORDER = ("proposed", "register-then-switch", "reinvite", "reuse", "renegotiate")
-
-
 def _table_order(scenario: str, method: str) -> tuple[int, str, int, str]:
     base, _, rtt = scenario.partition("-rtt")
     s = SCENARIO_ORDER.index(base) if base in SCENARIO_ORDER else len(SCENARIO_ORDER)
@@ -763,6 +956,22 @@ def incomplete_captures(run: Path) -> list[str]:
             for intf, what in (short.items() if isinstance(short, dict) else [])]
 
 
+def load_capabilities(run: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """capabilities.json (None if absent), and what is wrong with it."""
+    path = run / "capabilities.json"
+    if not path.exists():
+        return None, []
+    try:
+        value = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError) as exc:
+        return None, [f"capabilities.json cannot be read ({exc}): the lab's capabilities "
+                      "(ESP backend, netem) are unknown"]
+    if not isinstance(value, dict):
+        return None, [f"capabilities.json is a JSON {type(value).__name__}, not an object: "
+                      "the lab's capabilities (ESP backend, netem) are unknown"]
+    return value, []
+
+
 def analyze(run_dir: str | Path, workers: int = 2, write: bool = True) -> dict[str, Any]:
     """Analyse every trial of a run folder; write results.json, results.csv,
     results-trials.csv and results.md into it (unless `write` is False); return the summary:
@@ -773,9 +982,13 @@ def analyze(run_dir: str | Path, workers: int = 2, write: bool = True) -> dict[s
         raise ValueError(f"not a run folder: {run}")
     trials, problems = load_trials(run)
     problems += incomplete_captures(run)
+    capabilities, caps_problem = load_capabilities(run)
+    problems += caps_problem
     ok = [t for t in trials if t.ok]
     hosts = {h for t in ok for h in t.terminals()}
-    data = load_run(run, hosts, workers)
+    esp = bool(capabilities and capabilities.get("ipsec_backend")) or (run / "esp_sa").exists()
+    data = load_run(run, hosts, workers, esp_in_use=esp)
+    problems += data.problems + missing_logs(run, ok, data.logs)
     analysed, failed = [], []
     for t in trials:
         if not t.ok:
@@ -787,10 +1000,8 @@ def analyze(run_dir: str | Path, workers: int = 2, write: bool = True) -> dict[s
             problems.append(f"{t.name}: not analysed: {exc}")
             failed.append({"name": t.name, **asdict(t), "ok": False,
                            "error": f"analysis: {exc}"})
-    caps = run / "capabilities.json"
-    summary = {"run": run.name,
-               "capabilities": json.loads(caps.read_text()) if caps.exists() else None,
-               "trials": analysed, "failed": failed,
+    problems += data.logs.problems  # last: the trials' analysis may have added some
+    summary = {"run": run.name, "capabilities": capabilities, "trials": analysed, "failed": failed,
                "aggregates": aggregate(analysed + failed), "problems": problems}
     summary["claims"] = claims(analysed + failed)
     if write:

@@ -7,6 +7,7 @@ result holds it. Keys stay in the run's esp_sa file only."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -15,9 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodes.ipsec.esp_sa import tshark_args
-
-CACHE_VERSION = 2  # 2: key material redacted
+CACHE_VERSION = 3  # 2: key material redacted; 3: problems kept, failed tshark runs never cached
 # 16-byte values in base64 (m2m-key and Digest nonces) and 16/32-byte values in hex (media
 # keys, Digest cnonce and response): nothing else in our SIP looks like either.
 _SECRET_RE = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{22}==|\b(?:[0-9a-f]{64}|[0-9a-f]{32})\b")
@@ -108,6 +107,69 @@ class Capture:
     name: str
     rtp: list[Rtp] = field(default_factory=list)
     sip: list[Sip] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # e.g. the pcap is cut short
+
+
+class CaptureError(RuntimeError):
+    """A capture (or the esp_sa file it needs) that could not be read; the message names the
+    file and what is wrong."""
+
+
+_HEX_RE = re.compile(r"0x[0-9a-fA-F]+")
+_ESP_SA_COLUMNS = ("protocol", "source", "destination", "SPI", "encryption",
+                   "encryption key", "authentication", "authentication key")
+
+
+def esp_sa_row_problem(row: str) -> str | None:
+    """Why one esp_sa row is not a row tshark can use (None: it is one)."""
+    try:
+        fields = next(csv.reader([row]))
+    except (csv.Error, StopIteration) as exc:
+        return f"not a CSV row ({exc})"
+    if len(fields) != len(_ESP_SA_COLUMNS):
+        return f"{len(fields)} fields, not {len(_ESP_SA_COLUMNS)} (a torn or edited line?)"
+    proto, _, _, spi, _, enc_key, _, auth_key = fields
+    if proto not in ("IPv4", "IPv6", "Any"):
+        return f"protocol {proto!r} is none of IPv4, IPv6, Any"
+    if spi != "*" and not _HEX_RE.fullmatch(spi):
+        return f"SPI {spi!r} is not 0x<hex>"
+    for name, key in (("encryption key", enc_key), ("authentication key", auth_key)):
+        if key and (not _HEX_RE.fullmatch(key) or len(key) % 2):
+            return f"{name} is not 0x<hex> of whole bytes"
+    return None
+
+
+def esp_sa_options(path: Path) -> tuple[list[str], list[str]]:
+    """tshark options decrypting ESP with every good row of the run's esp_sa file (each row
+    once), and a problem per row that is not usable (named by file and line: tshark would
+    refuse the whole command for one bad row). Raises CaptureError if the file cannot be
+    read at all."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CaptureError(f"{path.name}: cannot be read ({exc.strerror or exc}): SIP and RTP "
+                           "inside ESP not decrypted") from exc
+    args = ["-o", "esp.enable_encryption_decode:TRUE",
+            "-o", "esp.enable_authentication_check:TRUE"]
+    problems: list[str] = []
+    seen: set[str] = set()
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            row = line.decode().strip()
+        except UnicodeDecodeError:
+            problems.append(f"{path.name} line {n}: not UTF-8 text: its SA is not decrypted")
+            continue
+        if not row or row.startswith("#") or row in seen:
+            continue
+        why = esp_sa_row_problem(row)
+        if why:
+            problems.append(f"{path.name} line {n}: {why}: its SA is not decrypted")
+            continue
+        seen.add(row)
+        args += ["-o", f"uat:esp_sa:{row}"]
+    if not seen:
+        problems.append(f"{path.name} has no usable rows: SIP and RTP inside ESP not decrypted")
+    return args, problems
 
 
 _FIELDS = ["frame.time_epoch", "ip.src", "ip.dst", "udp.srcport", "udp.dstport", "ip.len",
@@ -169,12 +231,21 @@ def run_tshark(pcap: Path, esp: list[str], ports: Iterable[int]) -> Capture:
             "-E", "occurrence=f"]
     for name in _FIELDS:
         cmd += ["-e", name]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    # A capture cut short by the end of the run ends in a partial packet: tshark says so and
-    # exits 1 after printing the good rows.
-    if out.returncode != 0 and not out.stdout and "cut short" not in out.stderr:
-        raise RuntimeError(f"tshark failed on {pcap.name}: {out.stderr.strip()[-500:]}")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                             timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CaptureError(f"pcaps/{pcap.name}: tshark did not run: {exc}") from exc
     cap = Capture(pcap.stem)
+    if out.returncode != 0:
+        # A capture cut short ends in a partial packet: tshark says so and exits non-zero
+        # after printing the good rows; they are kept, and the shortfall is a problem.
+        # Any other failure is an error (partial output of a failed run is never used).
+        if "cut short" not in out.stderr:
+            raise CaptureError(f"pcaps/{pcap.name}: tshark failed (exit {out.returncode}): "
+                               f"{_tshark_error(out.stderr)}")
+        cap.problems.append(f"pcaps/{pcap.name} is cut short (ends in a partial packet): "
+                            "what it held after that is lost")
     for line in out.stdout.splitlines():
         item = parse_tshark_row(line.split("\t"))
         if isinstance(item, Rtp):
@@ -184,25 +255,57 @@ def run_tshark(pcap: Path, esp: list[str], ports: Iterable[int]) -> Capture:
     return cap
 
 
-def load_capture(pcap: Path, esp_sa: Path, ports: Sequence[int], cache_dir: Path) -> Capture:
-    """`run_tshark`, cached in `cache_dir` until the pcap, the esp_sa file or the ports change."""
-    st, es = pcap.stat(), esp_sa.stat() if esp_sa.exists() else None
+def _tshark_error(stderr: str) -> str:
+    """tshark's own complaint, without its 'Running as user root' banner."""
+    lines = [ln for ln in stderr.strip().splitlines()
+             if ln.strip() and not ln.startswith("Running as user")]
+    text = " ".join(lines)
+    if "uat:esp_sa:" in text:  # a row tshark refused: never print its keys
+        text = re.sub(r"uat:esp_sa:[^\"]*", "uat:esp_sa:<row>", text)
+        text = "tshark refused a row of esp_sa: " + text
+    return redact(text)[-500:] or "no message"
+
+
+def _cached(cache: Path, key: list[Any], name: str) -> Capture | None:
+    try:
+        data = json.loads(cache.read_text())
+        if not isinstance(data, dict) or data.get("key") != key:
+            return None
+        return Capture(name, [Rtp(*r) for r in data["rtp"]], [Sip(*s) for s in data["sip"]],
+                       [str(p) for p in data.get("problems", [])])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # a stale or broken cache is rebuilt
+
+
+def load_capture(pcap: Path, esp_sa: Path, ports: Sequence[int], cache_dir: Path,
+                 esp: list[str] | None = None) -> Capture:
+    """`run_tshark` (with `esp`, the esp_sa file's options: `esp_sa_options(esp_sa)` when not
+    given), cached in `cache_dir` until the pcap, the esp_sa file or the ports change; a
+    failed run (CaptureError) is never cached."""
+    try:
+        st = pcap.stat()
+        es = esp_sa.stat() if esp_sa.is_file() else None
+    except OSError as exc:
+        raise CaptureError(f"pcaps/{pcap.name}: cannot be read ({exc.strerror or exc})") from exc
+    if not pcap.is_file():
+        raise CaptureError(f"pcaps/{pcap.name} is not a file")
     key = [CACHE_VERSION, st.st_size, st.st_mtime_ns, es.st_size if es else 0,
            es.st_mtime_ns if es else 0, sorted(set(ports))]
     cache = cache_dir / f"{pcap.stem}.json"
-    if cache.exists():
-        try:
-            data = json.loads(cache.read_text())
-            if data.get("key") == key:
-                return Capture(pcap.stem, [Rtp(*r) for r in data["rtp"]],
-                               [Sip(*s) for s in data["sip"]])
-        except (ValueError, TypeError, KeyError):
-            pass  # a stale or broken cache is rebuilt
-    esp = tshark_args(esp_sa) if es else []
+    cap = _cached(cache, key, pcap.stem) if cache.is_file() else None
+    if cap is not None:
+        return cap
+    if esp is None:
+        esp = esp_sa_options(esp_sa)[0] if es else []
     cap = run_tshark(pcap, esp, ports)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "rtp": [list(asdict(r).values()) for r in cap.rtp],
-                               "sip": [list(asdict(s).values()) for s in cap.sip]}))
-    tmp.replace(cache)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key,
+                                   "rtp": [list(asdict(r).values()) for r in cap.rtp],
+                                   "sip": [list(asdict(s).values()) for s in cap.sip],
+                                   "problems": cap.problems}))
+        tmp.replace(cache)
+    except OSError:
+        pass  # no cache: the next analysis runs tshark again
     return cap
