@@ -917,8 +917,8 @@ def _agreement_section(summary: dict[str, Any]) -> list[str]:
         more, less = ("longer", "shorter") if cs[0].get("duration") else ("later", "earlier")
         side = (f"{more} {later}, {less} {len(diffs) - later}" if diffs else
                 "counts differ" if off else "–")
-        med = f"{percentile(diffs, 50):.1f} ms" if diffs else "–"
-        big = f"{max(diffs):.1f} ms" if diffs else "–"
+        med = f"{percentile(diffs, 50):.2f} ms" if diffs else "–"
+        big = f"{max(diffs):.2f} ms" if diffs else "–"
         lines.append(f"| {name} | {len(off)} | {len(cs)} | {med} | {big} | {side} |")
     lines.append("")
     lines.append("Each disagreement, trial by trial: `trials[].disagreements` in results.json.")

@@ -199,8 +199,8 @@ def test_agreement_section_groups_checks_and_table_counts_are_whole() -> None:
         "capabilities": {"ipsec_backend": "userspace"}}
     text = markdown(summary)
     assert "1 of 3 checks agree within 1 ms." in text
-    assert "| media gap | 1 | 2 | 10.0 ms | 10.0 ms | longer 0, shorter 1 |" in text
-    assert "| first RTP on the new path | 1 | 1 | 3.0 ms | 3.0 ms | later 1, earlier 0 |" in text
+    assert "| media gap | 1 | 2 | 10.00 ms | 10.00 ms | longer 0, shorter 1 |" in text
+    assert "| first RTP on the new path | 1 | 1 | 3.00 ms | 3.00 ms | later 1, earlier 0 |" in text
     assert "userspace ESP engine" in text
     assert "| 52.5 (55) |" in text  # messages: median between two, p95 a whole count
 
