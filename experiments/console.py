@@ -49,6 +49,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+def stop_signal(exc: KeyboardInterrupt) -> str:
+    """The signal behind a KeyboardInterrupt: `guard()`'s handler raises it with the name of
+    SIGTERM or SIGHUP; Python's own SIGINT handler raises it bare."""
+    text = str(exc.args[0]) if exc.args else ""
+    return text.removeprefix("signal ") if text.startswith("signal SIG") else "SIGINT"
+
+
 def guard() -> None:
     """Call once at the start of a runner's main() (main thread)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):

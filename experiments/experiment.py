@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.console import guard
+from experiments.console import guard, stop_signal
 from experiments.control import NodeControl, NodeError
 from experiments.lab import (
     Lab,
@@ -54,13 +54,6 @@ SWEEP_RTTS_MS = (0, 20, 50, 100)  # access-network round-trip times for the dela
 SWEEP_METHODS = ("proposed", "register-then-switch")
 MEDIA_TIMEOUT = 0.3
 MAX_TRIALS, MAX_SWEEP_TRIALS = 100, 20
-
-
-def stop_signal(exc: KeyboardInterrupt) -> str:
-    """The signal behind a KeyboardInterrupt: experiments.console raises it with the name of
-    SIGTERM or SIGHUP; Python's own SIGINT handler raises it bare."""
-    text = str(exc.args[0]) if exc.args else ""
-    return text.removeprefix("signal ") if text.startswith("signal SIG") else "SIGINT"
 
 
 @dataclass

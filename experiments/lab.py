@@ -413,9 +413,9 @@ class Lab:
                 self._write_json("manifest.json", self._manifest(stopped=True))
             self._remove_refused_run_dir()
             self._lock.release()
+            self.say("lab is down")  # before a signal held off meanwhile is delivered
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        self.say("lab is down")
 
     def _remove_refused_run_dir(self) -> None:
         """A lab refused at start (another lab's bridges, OVS not answering) ran nothing: the

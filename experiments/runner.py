@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.capabilities import probe
-from experiments.console import guard
+from experiments.console import guard, stop_signal
 from experiments.lab import Lab, LabError, config_problem, read_jsonl
 from topologies.m2m import M2M_HOSTS, M2M_NETWORKS
 
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     guard()
     try:
         return {"probe": run_probe, "lab": run_cli}[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted: the lab was torn down", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted by {stop_signal(exc)}: the lab was torn down", file=sys.stderr)
         return 130
     except LabError as exc:
         print(f"error: {exc}", file=sys.stderr)

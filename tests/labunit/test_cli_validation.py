@@ -4,6 +4,7 @@ before any lab boots; a stopped or refused run says what it left and how to fini
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -228,9 +229,24 @@ def test_good_scenarios() -> None:
 
 # -- 5. stops: the signal's name, and how to finish an analysis that did not run -----------------
 def test_the_stop_signal_is_named() -> None:
-    assert experiment.stop_signal(KeyboardInterrupt()) == "SIGINT"
-    assert experiment.stop_signal(KeyboardInterrupt("signal SIGTERM")) == "SIGTERM"
-    assert experiment.stop_signal(KeyboardInterrupt("signal SIGHUP")) == "SIGHUP"
+    from experiments.console import _interrupt, stop_signal
+
+    assert stop_signal(KeyboardInterrupt()) == "SIGINT"
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with pytest.raises(KeyboardInterrupt) as exc:
+            _interrupt(sig, None)
+        assert stop_signal(exc.value) == sig.name
+
+
+def test_the_runner_names_the_signal_that_stopped_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def stopped(_: Any) -> int:
+        raise KeyboardInterrupt("signal SIGHUP")
+
+    monkeypatch.setattr(runner, "guard", lambda: None)
+    monkeypatch.setattr(runner, "run_probe", stopped)
+    assert runner.main(["probe"]) == 130
+    assert capsys.readouterr().err == "interrupted by SIGHUP: the lab was torn down\n"
 
 
 class _FakeLab:
