@@ -147,7 +147,14 @@ def log_level(text: str) -> str:
 def node_arguments(parser: argparse.ArgumentParser, *, credentials: bool = False,
                    trust: bool = False) -> None:
     """--config, --mode, --ipsec, --esp-sa, --events, --control, --t1, --log-level; with
-    `credentials` the terminals' PSK file, with `trust` the servers' domain key."""
+    `credentials` the terminals' PSK file, with `trust` the servers' domain key. A parser
+    without a description gets its program's module docstring (`prog` "python -m nodes.sms":
+    nodes.sms's), so that --help says what the node is."""
+    if parser.description is None:
+        doc = _module_doc(parser.prog)
+        if doc:
+            parser.description = doc
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default="config/lab.json", help="users, terminals, servers")
     parser.add_argument("--mode", choices=("open", "ipsec-m2ms"), default="ipsec-m2ms",
                         help="open: no sec-agree (SIPp interop, benchmark), same code path")
@@ -169,6 +176,15 @@ def node_arguments(parser: argparse.ArgumentParser, *, credentials: bool = False
                         help="SIP T1 in seconds (0 < T1 <= 60)")
     parser.add_argument("--log-level", type=log_level, default="WARNING",
                         help=f"one of {', '.join(LOG_LEVELS)} (any case)")
+
+
+def _module_doc(prog: str) -> str | None:
+    """The docstring of the module `prog` ("python -m MODULE") runs, if it is loaded."""
+    name = prog.removeprefix("python -m ")
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    module = sys.modules.get(name) or (main if getattr(spec, "name", None) == name else None)
+    return getattr(module, "__doc__", None)
 
 
 def start_logging(args: argparse.Namespace) -> None:

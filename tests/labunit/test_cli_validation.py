@@ -380,3 +380,31 @@ def test_control_without_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.endswith("error: the following argument is required: cmd (e.g. status; help "
                         "lists the node's commands)")
     assert "params" not in err
+
+
+@pytest.mark.parametrize(("module", "first_line"), [
+    ("nodes.sms", "Session management server (SMS): terminal and media switch, Fig 3"),
+    ("nodes.presence", "Presence server: knows each user's terminals, their capabilities"),
+])
+def test_the_servers_help_says_what_they_are(module: str, first_line: str) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=root, check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert f"\n\n{first_line}" in out
+    assert f"python -m {module} --config config/lab.json" in out  # its usage example
+
+
+def test_a_parser_that_names_its_description_keeps_it() -> None:
+    import argparse
+
+    from nodes.cli import node_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m nodes.sms", description="mine")
+    node_arguments(parser)
+    assert parser.description == "mine"
+    parser = argparse.ArgumentParser(prog="python -m no.such.module")
+    node_arguments(parser)
+    assert parser.description is None
