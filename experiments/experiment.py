@@ -12,7 +12,8 @@ Methods: link × {proposed, register-then-switch, reinvite}; terminal × {reuse,
 
 Each trial is one call: set up, media flowing, the trigger, the switch, media on the new
 path, hang up. Its record goes to captures/<run>/trials.jsonl as soon as it ends, so Ctrl-C
-keeps every finished trial (and the analysis still runs on them).
+(or SIGTERM, SIGHUP) keeps every finished trial, and the analysis still runs on them; when
+it cannot run or finish, the run prints the command that does.
 """
 
 from __future__ import annotations
