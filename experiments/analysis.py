@@ -280,7 +280,8 @@ def load_trials(run_dir: Path) -> tuple[list[Trial], list[str]]:
             record = json.loads(line)
             if isinstance(record, dict) and record.pop("interrupted", False):
                 bad.append(f"{record.get('scenario')}/{record.get('method')}"
-                           f"#{record.get('trial')}: interrupted (Ctrl-C), not counted")
+                           f"#{record.get('trial')}: interrupted"
+                           f" ({record.get('signal') or 'Ctrl-C'}), not counted")
                 continue
             trials.append(Trial.from_json(record))
         except (ValueError, TypeError) as exc:

@@ -44,6 +44,9 @@ PROJECT = Path(__file__).resolve().parent.parent
 CAPTURES = PROJECT / "captures"
 VENV_PYTHON = PROJECT / ".venv" / "bin" / "python"
 PROBE_PORT = 9000
+# tcpdump's ring: immediate mode gives one slot of SNAPLEN a packet (the default snaplen,
+# 256 KiB, left room for only some tens, and a burst after a port came back overflowed it).
+CAPTURE_BUFFER_KIB, SNAPLEN = 8192, 4096  # every packet here fits a 1500-byte MTU
 # Slow machines (the kernel-path VM runs under QEMU/TCG) stretch every wait_until() timeout.
 TIMEOUT_SCALE = float(os.environ.get("SMIG_TIMEOUT_SCALE") or 1)
 DEFAULT_CONFIG = PROJECT / "config" / "lab.json"
@@ -546,6 +549,7 @@ class Lab:
                 # Immediate mode: libpcap otherwise holds packets in its ring for up to a
                 # second, and those still there when tcpdump is stopped never reach the pcap.
                 self.popen(host.name, ["tcpdump", "-i", intf, "-n", "-U", "--immediate-mode",
+                                       "-B", str(CAPTURE_BUFFER_KIB), "-s", str(SNAPLEN),
                                        "-Z", "root", "-w", str(pcap)], name=f"tcpdump-{intf}")
                 self.pcaps[intf] = pcap
         # tcpdump writes the pcap header once it is listening.

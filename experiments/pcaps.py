@@ -78,4 +78,5 @@ def capture_shortfall(tcpdump_log: str) -> str | None:
     if missing <= 0 and dropped == 0:
         return None
     return (f"{stats['captured']} of {stats.get('received by filter', 0)} packets written, "
-            f"{dropped} dropped by the kernel")
+            f"{dropped} dropped by the kernel"
+            + (" (tcpdump fell behind: the machine was busy)" if dropped else ""))

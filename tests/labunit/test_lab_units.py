@@ -120,7 +120,8 @@ def test_ovs_not_answering_is_one_clear_lab_error(tmp_path: Path,
         ("116 packets captured\n155 packets received by filter\n0 packets dropped by kernel\n",
          "116 of 155 packets written, 0 dropped by the kernel"),
         ("1 packet captured\n1 packet received by filter\n3 packets dropped by kernel\n",
-         "1 of 1 packets written, 3 dropped by the kernel"),
+         "1 of 1 packets written, 3 dropped by the kernel (tcpdump fell behind: the machine "
+         "was busy)"),
         ("tcpdump: listening on b1-netb\n", "no closing statistics (tcpdump was killed)"),
     ],
 )
