@@ -367,7 +367,15 @@ def analyze_trial(trial: Trial, data: RunData) -> dict[str, Any]:
         res.update(messages=None, bytes=None, retransmissions=None, retransmitted_bytes=None)
         res["message_list"] = []
     else:
-        pm = procedure_messages(proxy, trig, t_done, t1, related)
+        if trial.family == "terminal":
+            # Fig 3 goes on after its completion (the SMS's switch-done to every party, step
+            # (9) after a key reuse): the session's messages to the trial's end, step (9) apart.
+            def in_fig3(m: Sip) -> bool:
+                return related(m) and not (trial.method == "reuse" and m.smig_type == "rekey")
+
+            pm = procedure_messages(proxy, trig, t1, t1, in_fig3)
+        else:
+            pm = procedure_messages(proxy, trig, t_done, t1, related)
         if pm["first"]:  # the procedure ends with its last message (a response, an ACK)
             t_done = max(t_done, pm["first"][-1].t_ns)
             res["t_complete_ms"] = _ms(t_done - trig)
@@ -467,7 +475,8 @@ def markdown(summary: dict[str, Any]) -> str:
              "takes); *signalling*: that event to the last switch-complete. *max gap*, *lost*: "
              "at the receivers, on the wire (captures); *app lost*: what the receiving "
              "applications missed. Messages and bytes: SIP at the proxy, each hop, first "
-             "transmissions, up to the procedure's last message (its last response or ACK); "
+             "transmissions, up to the procedure's last message (its last response or ACK; "
+             "a terminal switch's include the switch-done notices and the old dialog's BYE); "
              "*rekey*: step (9), after a key-reuse switch, with its own messages (*rekey "
              "msgs*; the renegotiate baseline's rekey comes first and is in *messages*).",
              "", "| scenario | method | trials | " + " | ".join(cols) + " |",

@@ -54,6 +54,21 @@ def test_tables_and_figures_exist(run: Path, results: dict[str, Any]) -> None:
     assert json.loads((run / "capabilities.json").read_text())["ipsec_backend"]
 
 
+def test_each_procedure_counts_all_its_messages(results: dict[str, Any]) -> None:
+    """Whatever the timing: the re-INVITE's ACKs, a terminal switch's switch-done to all four
+    parties (SMS -> proxy -> terminal), and a key reuse's step (9) apart from its procedure."""
+    by = {(t["scenario"], t["method"]): t for t in results["trials"]}
+    labels = {k: [m["label"] for m in t["message_list"] if not m.get("rekey")]
+              for k, t in by.items()}
+    assert labels[("link-planned", "reinvite")].count("ACK") == 2
+    for method in METHODS["terminal"]:
+        assert labels[("terminal-switch", method)].count("MESSAGE switch-done") == 8, method
+    reuse = by[("terminal-switch", "reuse")]
+    assert "MESSAGE rekey" not in labels[("terminal-switch", "reuse")]
+    assert reuse["rekey_messages"] > 0 and reuse["rekey_ms"] > 0
+    assert labels[("terminal-switch", "renegotiate")].count("MESSAGE rekey") > 0
+
+
 def _median(results: dict[str, Any], scenario: str, method: str, metric: str) -> float:
     values = [t[metric] for t in results["trials"]
               if t["scenario"] == scenario and t["method"] == method]
