@@ -429,11 +429,14 @@ METRICS: list[tuple[str, str, str]] = [  # key, unit, column title
 COUNT_UNITS = ("msgs", "B", "pkts")
 # The table's order: scenarios as the experiment lists them (a delay sweep's after its base),
 # methods proposal first; whatever the order the trials ran in (it is shuffled).
-def _table_order(scenario: str, method: str) -> tuple[int, str, int, str]:
+def _table_order(scenario: str, method: str) -> tuple[int, int, int, str]:
+    """Scenarios in run order; a delay sweep's rows (link-planned-rttN) after the scenario's
+    own, by RTT (rtt0 is a sweep row too: it ran with the sweep, not with the scenario)."""
     base, _, rtt = scenario.partition("-rtt")
     s = SCENARIO_ORDER.index(base) if base in SCENARIO_ORDER else len(SCENARIO_ORDER)
+    sweep = int(rtt) if rtt.isdigit() else -1
     m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return s, rtt.zfill(4), m, scenario + method
+    return s, sweep, m, scenario + method
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

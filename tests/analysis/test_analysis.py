@@ -228,9 +228,13 @@ def test_table_rows_in_the_experiments_order_whatever_order_trials_ran_in() -> N
             for s, m in [("terminal-switch", "renegotiate"), ("link-planned-rtt20", "proposed"),
                          ("link-blackhole", "reinvite"), ("link-planned", "reinvite"),
                          ("link-planned", "proposed"), ("terminal-switch", "reuse"),
-                         ("link-planned-rtt100", "proposed")]]
+                         ("link-planned-rtt100", "proposed"),
+                         ("link-planned-rtt0", "register-then-switch"),
+                         ("link-planned-rtt0", "proposed")]]
+    # (the sweep's rtt0 rows once sorted among link-planned's own: "" and "0" padded alike)
     assert [(a["scenario"], a["method"]) for a in aggregate(rows)] == [
         ("link-planned", "proposed"), ("link-planned", "reinvite"),
+        ("link-planned-rtt0", "proposed"), ("link-planned-rtt0", "register-then-switch"),
         ("link-planned-rtt20", "proposed"), ("link-planned-rtt100", "proposed"),
         ("link-blackhole", "reinvite"), ("terminal-switch", "reuse"),
         ("terminal-switch", "renegotiate")]
