@@ -21,7 +21,7 @@ from mininet.cli import CLI
 
 from experiments.control import NodeError, parse_params
 from experiments.faults import ControllerError
-from experiments.lab import Lab
+from experiments.lab import TERMINALS, Lab
 
 BANNER = """
 The lab is up: proxy, sms, presence and the terminals a1 a2 b1 b2 run and are registered.
@@ -114,7 +114,7 @@ class LabCLI(CLI):  # type: ignore[misc]
 def run(lab: Lab) -> None:
     """Servers and terminals up and registered, then the CLI until `exit`."""
     lab.start_servers()
-    for name in ("a1", "a2", "b1", "b2"):
+    for name in TERMINALS:
         lab.start_terminal(name)
         lab.nodes[name]("register")
     assert lab.run_dir is not None
